@@ -1,0 +1,275 @@
+"""Typed configuration shared by both daemons.
+
+YAML in `config/` is loaded into the dataclasses below; `key=value` overrides on the command line
+use dotted paths (`training.learning_rate=1e-5`). Unknown keys and wrong types raise ConfigError
+naming the key and the file, before anything heavy (torch, weights, GPUs) is touched.
+
+    bin/train --config config/sft_config.yaml training.max_steps=200
+    bin/eval  --config config/sft_config.yaml evaluation.schedule=latest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Exit code for configuration errors, shared by every entry point.
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line that names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face hub id or local directory; safetensors only, never remote code.
+    name_or_path: str = "Qwen/Qwen2.5-Math-1.5B"
+    # Tokenizer source; empty means the same as name_or_path.
+    tokenizer: str = ""
+    dtype: str = "bfloat16"  # bfloat16 | float32 (float32 is forced on CPU)
+    max_seq_length: int = 2048  # prompt + response tokens; longer examples are dropped with a warning
+
+
+@dataclass
+class DataConfig:
+    # Where MATH comes from: a hub dataset id, a local directory in the original release layout
+    # (`train/<subject>/<n>.json`), or a JSONL file. `format: sft_pairs` reads JSONL with
+    # `prompt`/`response` fields instead (ready reasoning traces).
+    train_source: str = "hendrycks/competition_math"
+    train_split: str = "train"
+    format: str = "math"  # math | sft_pairs
+    prompt_template: str = "config/r1_zero.prompt"
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 2.0e-5
+    batch_size: int = 40  # sequences per micro-batch (packed into rows of max_tokens_per_micro_batch on GPU)
+    gradient_accumulation_steps: int = 2
+    warmup_steps: int = 100
+    epochs: float = 1.0
+    max_steps: int = 0  # 0: derived from epochs
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    min_lr_ratio: float = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    seed: int = 42
+    eval_every: int = 50  # publish a checkpoint every N optimizer steps
+    save_resume_every: int = 50  # write resumable state (weights+optimizer+RNG+data position) every N steps
+    device: str = "cuda:0"
+    packing: bool = True  # padding-free micro-batches with per-example attention boundaries
+    compile: bool = False  # torch.compile the model (GPU)
+    output_dir: str = "results"
+    run_id: str = ""  # empty: a new id from the timestamp; an existing id resumes that run
+    keep_last_checkpoints: int = 0  # 0: keep all published checkpoints
+
+
+@dataclass
+class EvaluationConfig:
+    engine: str = "vllm"  # vllm | hf
+    device: str = "cuda:1"
+    eval_set: str = "math"  # math (full test set) | math500
+    test_source: str = "hendrycks/competition_math"
+    test_split: str = "test"
+    num_eval_samples: int = 0  # 0: all; otherwise a fixed, seeded subset
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    schedule: str = "in_order"  # in_order | latest
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 2048
+    entropy_sample_size: int = 256  # responses whose mean token entropy is scored (0: none)
+    poll_observer: bool = False  # watchdog PollingObserver (network filesystems)
+    reconcile_interval_s: float = 30.0
+    grading_timeout_s: float = 5.0
+    grading_workers: int = 2
+    store_path: str = "results/results.duckdb"
+    checkpoints_dir: str = "results/checkpoints"
+    logs_dir: str = "results/eval_logs"
+    analysis_dir: str = "results/analysis"
+    worker_id: str = ""  # empty: hostname-pid
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_project: str = "math-sft"
+    wandb_entity: str | None = None
+    wandb_group: str = ""  # empty: derived from the run id, shared by the train and eval runs
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (or defaults when path is None), apply dotted overrides, validate, return Config."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}; pass an existing --config") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, training:, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(Config, raw, prefix="", source=source)
+    validate(config, source)
+    return config
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    # YAML parsing gives overrides the same typing as the file (1e-5 -> float, true -> bool).
+    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key}; valid keys here: {', '.join(sorted(names))}"
+            )
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, raw[f.name] or {}, f"{prefix}{f.name}.", source)
+        else:
+            values[f.name] = _coerce(raw[f.name], hint, f"{prefix}{f.name}", source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(v, item_type, key, source) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads "2e-5" (no dot) as a string; accept it as the number it is.
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config, source: str = "<config>") -> None:
+    """Check every option and combination; each message names the key and the fix."""
+    t, e, m, d, lg = config.training, config.evaluation, config.model, config.data, config.logging
+    _require(m.name_or_path != "", f"{source}: model.name_or_path is empty; set a hub id or a local directory")
+    _require(m.dtype in ("bfloat16", "float32"), f"{source}: model.dtype must be bfloat16 or float32")
+    _require(m.max_seq_length >= 16, f"{source}: model.max_seq_length must be >= 16")
+    _require(d.format in ("math", "sft_pairs"), f"{source}: data.format must be math or sft_pairs")
+    _require(t.learning_rate > 0, f"{source}: training.learning_rate must be > 0")
+    _require(t.batch_size >= 1, f"{source}: training.batch_size must be >= 1")
+    _require(t.gradient_accumulation_steps >= 1, f"{source}: training.gradient_accumulation_steps must be >= 1")
+    _require(t.warmup_steps >= 0, f"{source}: training.warmup_steps must be >= 0")
+    _require(t.epochs > 0 or t.max_steps > 0, f"{source}: set training.epochs > 0 or training.max_steps > 0")
+    _require(t.max_steps >= 0, f"{source}: training.max_steps must be >= 0")
+    _require(t.eval_every >= 1, f"{source}: training.eval_every must be >= 1")
+    _require(t.save_resume_every >= 1, f"{source}: training.save_resume_every must be >= 1")
+    _require(t.max_grad_norm > 0, f"{source}: training.max_grad_norm must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"{source}: training.min_lr_ratio must be in [0, 1]")
+    _require(t.keep_last_checkpoints >= 0, f"{source}: training.keep_last_checkpoints must be >= 0 (0 keeps all)")
+    _require(_valid_device(t.device), f"{source}: training.device must be cpu, cuda or cuda:N, got {t.device!r}")
+    _require(t.run_id == "" or _safe_name(t.run_id),
+             f"{source}: training.run_id may hold only letters, digits, '-', '_' and '.'")
+    _require(e.engine in ("vllm", "hf"), f"{source}: evaluation.engine must be vllm or hf")
+    _require(_valid_device(e.device), f"{source}: evaluation.device must be cpu, cuda or cuda:N, got {e.device!r}")
+    _require(e.eval_set in ("math", "math500"), f"{source}: evaluation.eval_set must be math or math500")
+    _require(e.num_eval_samples >= 0, f"{source}: evaluation.num_eval_samples must be >= 0 (0 means all)")
+    _require(e.temperature >= 0, f"{source}: evaluation.temperature must be >= 0 (0 is greedy)")
+    _require(0 < e.top_p <= 1, f"{source}: evaluation.top_p must be in (0, 1]")
+    _require(e.max_tokens >= 1, f"{source}: evaluation.max_tokens must be >= 1")
+    _require(e.schedule in ("in_order", "latest"), f"{source}: evaluation.schedule must be in_order or latest")
+    _require(0 < e.gpu_memory_utilization <= 1, f"{source}: evaluation.gpu_memory_utilization must be in (0, 1]")
+    _require(e.entropy_sample_size >= 0, f"{source}: evaluation.entropy_sample_size must be >= 0")
+    _require(e.grading_timeout_s > 0, f"{source}: evaluation.grading_timeout_s must be > 0")
+    _require(e.grading_workers >= 1, f"{source}: evaluation.grading_workers must be >= 1")
+    _require(e.reconcile_interval_s > 0, f"{source}: evaluation.reconcile_interval_s must be > 0")
+    _require(lg.log_every >= 1, f"{source}: logging.log_every must be >= 1")
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("cpu", "cuda"):
+        return True
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+def _safe_name(name: str) -> bool:
+    return all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+
+
+def to_dict(config: Config) -> dict:
+    """The fully resolved config, as written into each checkpoint and evaluation record."""
+    return dataclasses.asdict(config)
+
+
+def add_config_arguments(parser) -> None:
+    """The `--config FILE [key=value ...]` arguments every entry point takes."""
+    parser.add_argument("--config", default=None, help="YAML file in config/ (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=100")

@@ -1,0 +1,66 @@
+"""Config loading: typed, validated before anything heavy, one-line errors naming key and file."""
+
+import subprocess
+import sys
+
+import pytest
+
+from common.config import ConfigError, load_config
+
+REFERENCE = "config/sft_config.yaml"
+
+
+def test_reference_config_loads_with_reference_defaults():
+    config = load_config(REFERENCE)
+    assert config.model.name_or_path == "Qwen/Qwen2.5-Math-1.5B"
+    assert config.training.learning_rate == pytest.approx(2.0e-5)
+    assert config.training.batch_size * config.training.gradient_accumulation_steps == 80
+    assert config.training.eval_every == 50
+    assert config.evaluation.stop == ["</answer>"]
+    assert config.evaluation.temperature == 1.0 and config.evaluation.max_tokens == 1024
+
+
+def test_dotted_overrides_are_typed_like_yaml():
+    config = load_config(REFERENCE, ["training.max_steps=7", "training.learning_rate=1e-4",
+                                     "logging.wandb=false", "evaluation.stop=['</answer>', 'END']"])
+    assert config.training.max_steps == 7
+    assert config.training.learning_rate == pytest.approx(1e-4)
+    assert config.logging.wandb is False
+    assert config.evaluation.stop == ["</answer>", "END"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("training.bogus=1", "training.bogus"),
+    ("trainin.max_steps=1", "trainin"),
+    ("training.batch_size=many", "training.batch_size"),
+    ("training.packing=3", "training.packing"),
+    ("evaluation.engine=tensorrt", "evaluation.engine"),
+    ("evaluation.top_p=0", "evaluation.top_p"),
+    ("training.device=gpu0", "training.device"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as info:
+        load_config(REFERENCE, [override])
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_bad_yaml_file_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_yaml_in_config_dir_is_valid():
+    from pathlib import Path
+
+    for path in Path("config").glob("*.yaml"):
+        load_config(path)
+        assert path.read_text().startswith("#"), f"{path} must start with a comment showing its command"
