@@ -1,0 +1,1 @@
+"""The training daemon: SFT on MATH, publishing checkpoints for the eval daemon (`bin/train`)."""
