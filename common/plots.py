@@ -1,0 +1,344 @@
+"""bin/plot: training-progression charts (PNG) from the results store, or a summary table.
+
+    bin/plot                                  # every run -> results/training_progression_*.png
+    bin/plot --run 20261126-0502 --out results/plots
+    bin/plot --summary                        # step, accuracy, format accuracy, length, entropy
+
+One line (or panel) per run; a run evaluated with two eval configs gets one per config. Safe while
+the eval daemon writes: the store is read once, read-only, and released before drawing.
+Exit codes: 0 ok, 2 no store / unknown run, 1 nothing to plot yet or store busy too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import duckdb
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+
+from common.query import DEFAULT_DB, REPO_ROOT, format_table  # noqa: E402
+from common.store import (FORMAT_FAILURE_TYPES, StoreBusyError, StoreError, connect_read_only,  # noqa: E402
+                          one_line_error)
+
+DEFAULT_OUT = REPO_ROOT / "results"
+CATEGORIES = (("pct_correct", "correct", "#2ca02c"), ("pct_wrong_answer", "wrong answer", "#ff7f0e"),
+              ("pct_format_failure", "format failure", "#d62728"))
+FAILURE_COLORS = dict(zip(FORMAT_FAILURE_TYPES, ("#9467bd", "#8c564b", "#e377c2", "#17becf")))
+DPI = 120
+
+
+class PlotError(ValueError):
+    """Nothing (or not what was asked for) to plot; one-line message."""
+
+
+@dataclass
+class Series:
+    """What one run, evaluated with one eval config, contributes to every chart (rows by step)."""
+    run_id: str
+    eval_key: str
+    label: str = ""
+    color: str = ""
+    progress: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    by_subject: dict[str, list[dict]] = field(default_factory=dict)
+
+    def steps(self) -> list[int]:
+        return [row["step"] for row in self.progress]
+
+    def values(self, column: str, rows: list[dict] | None = None) -> list[float]:
+        """A column as floats; NULL becomes NaN, which matplotlib leaves as a gap."""
+        return [math.nan if row[column] is None else float(row[column]) for row in (rows or self.progress)]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _rows(con, sql: str) -> list[dict]:
+    result = con.execute(sql)
+    names = [column[0] for column in result.description]
+    return [dict(zip(names, row)) for row in result.fetchall()]
+
+
+def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
+    """Read the progress, format_failures and by_subject views, grouped per (run, eval config)."""
+    with connect_read_only(db_path) as con:
+        try:
+            progress = _rows(con, "SELECT * FROM progress ORDER BY run_id, eval_key, step")
+            failures = _rows(con, "SELECT * FROM format_failures ORDER BY run_id, eval_key, step")
+            subjects = _rows(con, "SELECT * FROM by_subject ORDER BY run_id, eval_key, subject, step")
+        except duckdb.Error as exc:  # e.g. a file that is not a results store
+            raise PlotError(f"{db_path}: {one_line_error(exc)}") from None
+    known = sorted({row["run_id"] for row in progress})
+    unknown = [run for run in run_ids if run not in known]
+    if unknown:
+        raise PlotError(f"no successful evaluation of run {', '.join(unknown)} in {db_path}; "
+                        f"runs there: {', '.join(known) or 'none yet'}")
+    series: dict[tuple[str, str], Series] = {}
+    for row in progress:
+        if not run_ids or row["run_id"] in run_ids:
+            key = (row["run_id"], row["eval_key"])
+            series.setdefault(key, Series(*key)).progress.append(row)
+    for row in failures:
+        if (row["run_id"], row["eval_key"]) in series:
+            series[(row["run_id"], row["eval_key"])].failures.append(row)
+    for row in subjects:
+        if (row["run_id"], row["eval_key"]) in series:
+            series[(row["run_id"], row["eval_key"])].by_subject.setdefault(row["subject"] or "unknown", []).append(row)
+    result = list(series.values())
+    one_config_per_run = len({s.run_id for s in result}) == len(result)
+    colors = plt.get_cmap("tab10").colors
+    for index, s in enumerate(result):
+        s.label = s.run_id if one_config_per_run else f"{s.run_id} [{s.eval_key}]"
+        s.color = colors[index % len(colors)]
+    return result
+
+
+# ---- drawing -------------------------------------------------------------------------------------
+
+
+def _style_step_axis(ax: Axes, steps: Sequence[int]) -> None:
+    """x axis = training step; with few evaluations the ticks sit on the evaluated steps."""
+    ax.set_xlabel("training step")
+    distinct = sorted(set(steps))
+    if len(distinct) <= 8:
+        ax.set_xticks(distinct)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    ax.tick_params(labelbottom=True)  # shared x axes would hide them on upper rows
+    ax.grid(True, alpha=0.3)
+    if len(distinct) == 1:  # one evaluation: give the lone point some room
+        ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
+
+
+def _panel_grid(count: int, max_cols: int, panel_size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    cols = min(count, max_cols)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    flat = list(axes.flat)
+    for spare in flat[count:]:
+        spare.set_axis_off()
+    return fig, flat
+
+
+def _all_steps(series: Sequence[Series]) -> list[int]:
+    return [step for s in series for step in s.steps()]
+
+
+def draw_accuracy(series: Sequence[Series]) -> Figure:
+    fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
+    for s in series:
+        ax.plot(s.steps(), s.values("accuracy"), marker="o", color=s.color, label=f"{s.label}: accuracy")
+        ax.plot(s.steps(), s.values("format_accuracy"), marker="s", linestyle="--", color=s.color,
+                label=f"{s.label}: format accuracy")
+    ax.set_title("Accuracy and format accuracy vs training step")
+    ax.set_ylabel("share of test problems")
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _style_step_axis(ax, _all_steps(series))
+    if max(len(s.label) for s in series) > 24:  # long labels beside the axes would squeeze it: put them below
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, frameon=False)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    return fig
+
+
+def _bar_width(steps: Sequence[int]) -> float:
+    gaps = [b - a for a, b in zip(sorted(set(steps)), sorted(set(steps))[1:])]
+    return 0.8 * min(gaps) if gaps else 0.8
+
+
+def draw_categorization(series: Sequence[Series]) -> Figure:
+    """Stacked bars per run: correct, wrong answer and format failure add up to 100 %."""
+    fig, axes = _panel_grid(len(series), max_cols=3, panel_size=(6.5, 4.5))
+    width = _bar_width(_all_steps(series))
+    for ax, s in zip(axes, series):
+        bottom = [0.0] * len(s.progress)
+        for column, label, color in CATEGORIES:
+            values = [0.0 if math.isnan(v) else v for v in s.values(column)]
+            ax.bar(s.steps(), values, width, bottom=bottom, color=color, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(s.label)
+        ax.set_ylabel("% of test problems")
+        ax.set_ylim(0, 100)
+        _style_step_axis(ax, _all_steps(series))
+    fig.suptitle("Outcome of each test problem vs training step")
+    # Below the panels: beside them it would collide with the title when there is only one panel.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def draw_metrics(series: Sequence[Series]) -> Figure:
+    fig, (ax_length, ax_entropy) = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
+    for s in series:
+        ax_length.plot(s.steps(), s.values("avg_response_length"), marker="o", color=s.color, label=f"{s.label}: all")
+        ax_length.plot(s.steps(), s.values("avg_response_length_correct"), linestyle="--", color=s.color,
+                       label=f"{s.label}: correct")
+        ax_length.plot(s.steps(), s.values("avg_response_length_incorrect"), linestyle=":", color=s.color,
+                       label=f"{s.label}: incorrect")
+    missing = []
+    for s in series:
+        entropy = s.values("avg_token_entropy")
+        if all(math.isnan(v) for v in entropy):
+            missing.append(s.label)
+            continue
+        ax_entropy.plot(s.steps(), entropy, marker="o", color=s.color, label=s.label)
+    entropy_title = "Mean token entropy (sampled responses)"
+    if len(missing) == len(series):
+        ax_entropy.text(0.5, 0.5, "no token entropy recorded", ha="center", va="center",
+                        transform=ax_entropy.transAxes, color="gray")
+    elif missing:  # in the title, where it cannot cover a line
+        entropy_title += "\nnot recorded for " + ", ".join(missing)
+    ax_length.set_title("Mean response length")
+    ax_length.set_ylabel("tokens")
+    ax_length.set_ylim(bottom=0)
+    ax_entropy.set_title(entropy_title)
+    ax_entropy.set_ylabel("nats per token")
+    for ax in (ax_length, ax_entropy):
+        _style_step_axis(ax, _all_steps(series))
+        labels = [line.get_label() for line in ax.get_lines()]
+        if labels:
+            # Fewer columns for long labels (run ids with eval keys), so the legend stays inside the figure.
+            longest = max(len(label) for label in labels)
+            columns = min(len(labels), 3 if longest <= 25 else 2 if longest <= 40 else 1)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=columns, frameon=False)
+    return fig
+
+
+def draw_format_failures(series: Sequence[Series]) -> Figure:
+    fig, axes = _panel_grid(len(series), max_cols=3, panel_size=(6.5, 4.5))
+    for ax, s in zip(axes, series):
+        steps = [row["step"] for row in s.failures]
+        ax.plot(steps, s.values("num_format_failure", s.failures), color="black", linestyle="--", marker=".",
+                label="all format failures")
+        for kind in FORMAT_FAILURE_TYPES:
+            ax.plot(steps, s.values(kind, s.failures), marker="o", color=FAILURE_COLORS[kind],
+                    label=kind.replace("_", " "))
+        ax.set_title(s.label)
+        ax.set_ylabel("test problems")
+        ax.set_ylim(bottom=0)
+        _style_step_axis(ax, _all_steps(series))
+    fig.suptitle("Format failures by type vs training step")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def draw_by_subject(series: Sequence[Series]) -> Figure:
+    subjects = sorted({subject for s in series for subject in s.by_subject})
+    if not subjects:
+        raise PlotError("the store has evaluations but no samples with a subject; nothing to draw per subject")
+    fig, axes = _panel_grid(len(subjects), max_cols=4, panel_size=(4.2, 3.4))
+    for ax, subject in zip(axes, subjects):
+        for s in series:
+            rows = s.by_subject.get(subject, [])
+            if rows:
+                ax.plot([row["step"] for row in rows], s.values("accuracy", rows), marker="o", color=s.color,
+                        label=s.label)
+        ax.set_title(subject.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        _style_step_axis(ax, _all_steps(series))
+    for ax in axes[:: min(len(subjects), 4)]:
+        ax.set_ylabel("accuracy")
+    fig.suptitle("Accuracy per subject vs training step")
+    handles = [plt.Line2D([], [], color=s.color, marker="o", label=s.label) for s in series]
+    spare = axes[len(subjects)] if len(axes) > len(subjects) else None
+    if spare is not None:  # an empty panel in the grid: the legend fits there
+        spare.legend(handles=handles, loc="center", frameon=False, title="run")
+    else:
+        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="run")
+    return fig
+
+
+CHARTS: dict[str, Callable[[Sequence[Series]], Figure]] = {
+    "training_progression_accuracy.png": draw_accuracy,
+    "training_progression_categorization.png": draw_categorization,
+    "training_progression_metrics.png": draw_metrics,
+    "training_progression_format_failures.png": draw_format_failures,
+    "training_progression_by_subject.png": draw_by_subject,
+}
+
+
+def save_charts(series: Sequence[Series], out_dir: Path) -> list[Path]:
+    """Draw every chart and write it atomically (a viewer never sees half a PNG)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in CHARTS.items():
+        fig = draw(series)
+        path = out_dir / name
+        temp = out_dir / f".{name}.tmp"
+        try:
+            fig.savefig(temp, dpi=DPI, format="png")
+        finally:
+            plt.close(fig)
+        os.replace(temp, path)
+        written.append(path)
+    return written
+
+
+def summary_text(series: Sequence[Series]) -> str:
+    blocks = []
+    for s in series:
+        rows = [(r["step"], r["accuracy"], r["format_accuracy"], r["avg_response_length"], r["avg_token_entropy"])
+                for r in s.progress]
+        table = format_table(("step", "accuracy", "format_accuracy", "mean_length", "mean_entropy"), rows)
+        blocks.append(f"{s.run_id}  ({s.eval_key})\n{table}")
+    return "\n\n".join(blocks)
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bin/plot", description="Training-progression charts from the store.")
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
+    parser.add_argument("--run", action="append", default=[], metavar="RUN_ID",
+                        help="only this run (repeat for several; default: every run)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
+    parser.add_argument("--summary", action="store_true", help="print the progression table instead of drawing")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="bin/plot: %(message)s")
+    args = parse_args(argv)
+    try:
+        series = load_series(args.db, args.run)
+    except StoreBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (StoreError, PlotError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not series:
+        print(f"error: no successful evaluation in {args.db} yet; plots appear after the eval daemon's first "
+              f"evaluation", file=sys.stderr)
+        return 1
+    if args.summary:
+        print(summary_text(series))
+        return 0
+    try:
+        paths = save_charts(series, args.out)
+    except PlotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

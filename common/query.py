@@ -1,0 +1,199 @@
+"""bin/query: run read-only SQL, or one of the store's views by name, and print the result.
+
+    bin/query progress                                   # a view by name
+    bin/query "SELECT run_id, max(accuracy) FROM progress GROUP BY run_id"
+    bin/query --format csv by_subject > by_subject.csv   # csv | json | table (default)
+    bin/query --list                                     # the views, one line each
+
+Safe while the eval daemon writes: the store is opened read-only, and a busy file is retried
+(common.store), so a query waits at most a moment and sees whole evaluations only.
+Exit codes: 0 ok, 2 bad SQL / refused statement / no store / unknown view, 1 store busy too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import decimal
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import duckdb
+
+from common.store import VIEWS, StoreBusyError, StoreError, connect_read_only, one_line_error
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DB = REPO_ROOT / "results" / "results.duckdb"
+USAGE_ERROR_EXIT_CODE = 2
+BUSY_EXIT_CODE = 1
+
+# Statement types that cannot change the store; everything else is refused before it runs.
+READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
+                   duckdb.StatementType.CALL, duckdb.StatementType.SET, duckdb.StatementType.VARIABLE_SET}
+
+
+class QueryError(ValueError):
+    """A query bin/query will not run (one-line message)."""
+
+
+# ---- what to run ---------------------------------------------------------------------------------
+
+
+def resolve_sql(text: str) -> str:
+    """A lone name (a view such as `progress`, or a table) means SELECT * FROM it."""
+    name = text.strip().rstrip(";").strip()
+    if re.fullmatch(r"[A-Za-z_]\w*", name):
+        return f"SELECT * FROM {name}"
+    return text
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse statements that would write (the store is read-only anyway; this says why clearly)."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(one_line_error(exc)) from None
+    if not statements:
+        raise QueryError("no SQL statement given")
+    for statement in statements:
+        if statement.type not in READ_ONLY_TYPES:
+            kind = statement.type.name.replace("_", " ")
+            hint = "; to export, use --format csv > file.csv" if kind.startswith(("COPY", "EXPORT")) else ""
+            raise QueryError(f"bin/query is read-only: {kind} statements are refused "
+                             f"(the eval daemon is the store's only writer){hint}")
+
+
+def run_query(db_path: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run every statement in `sql`; return the columns and rows of the last one."""
+    check_read_only(sql)
+    with connect_read_only(db_path) as con:
+        try:
+            result = con.execute(sql)
+            if result.description is None:  # e.g. SET: nothing to print
+                return [], []
+            return [column[0] for column in result.description], result.fetchall()
+        except duckdb.Error as exc:
+            if "read-only mode" in str(exc):
+                raise QueryError("bin/query is read-only: statements that write are refused "
+                                 "(the eval daemon is the store's only writer)") from None
+            raise QueryError(one_line_error(exc)) from None
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly version of a DuckDB value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (datetime.timedelta, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def format_cell(value: Any, max_width: int) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        text = f"{value:.4f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
+        return "0" if text == "-0" else text
+    if isinstance(value, (list, dict)):
+        text = json.dumps(_plain(value))
+    else:
+        text = str(_plain(value))
+    # One line per row: long responses would otherwise wreck the alignment.
+    text = text.replace("\r", "").replace("\n", "\\n")
+    return text if len(text) <= max_width else text[: max_width - 3] + "..."
+
+
+def format_table(columns: Sequence[str], rows: Sequence[tuple], max_width: int = 60) -> str:
+    cells = [[format_cell(value, max_width) for value in row] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) or row[i] is None
+                   for row in rows) for i in range(len(columns))]
+    widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    lines = [line(columns), "  ".join("-" * w for w in widths)]
+    lines += [line(row) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def format_csv(columns: Sequence[str], rows: Sequence[tuple]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if v is None else json.dumps(_plain(v)) if isinstance(v, (list, dict)) else _plain(v)
+                         for v in row])
+    return out.getvalue().rstrip("\n")
+
+
+def format_json(columns: Sequence[str], rows: Sequence[tuple]) -> str:
+    return json.dumps([{name: _plain(value) for name, value in zip(columns, row)} for row in rows], indent=1)
+
+
+def list_views() -> str:
+    width = max(len(name) for name in VIEWS)
+    return "\n".join(f"{name.ljust(width)}  {description}" for name, (description, _) in VIEWS.items())
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bin/query", description="Read-only SQL on the results store.")
+    parser.add_argument("sql", nargs="?", help="a SQL statement, or the name of a view (see --list)")
+    parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--max-width", type=int, default=60, help="table cells longer than this are cut")
+    parser.add_argument("--list", action="store_true", help="list the views with one line each")
+    args = parser.parse_args(argv)
+    if not args.list and not args.sql:
+        parser.error("give a SQL statement or a view name, or --list")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="bin/query: %(message)s")
+    args = parse_args(argv)
+    if args.list:
+        print(list_views())
+        return 0
+    try:
+        columns, rows = run_query(args.db, resolve_sql(args.sql))
+    except StoreBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BUSY_EXIT_CODE
+    except (QueryError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR_EXIT_CODE
+    if columns:
+        formatters = {"table": lambda: format_table(columns, rows, args.max_width),
+                      "csv": lambda: format_csv(columns, rows), "json": lambda: format_json(columns, rows)}
+        try:
+            print(formatters[args.format]())
+        except BrokenPipeError:
+            # `bin/query ... | head` closed the pipe early; that is not an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
