@@ -186,9 +186,14 @@ def publish_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_model(tmp)
-    atomic_write_json(tmp / SIDECAR_NAME, sidecar)
-    fsync_tree(tmp)
+    try:
+        write_model(tmp)
+        atomic_write_json(tmp / SIDECAR_NAME, sidecar)
+        fsync_tree(tmp)
+    except BaseException:
+        # A failed write (e.g. disk full) must not leave gigabytes behind until the next start-up.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     manifest = load_or_new_manifest(run_dir, run_id)
     if final.exists():
         # Left by a crash between rename and manifest update (not published), or a re-publish

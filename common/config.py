@@ -36,6 +36,9 @@ class ModelConfig:
     tokenizer: str = ""
     dtype: str = "bfloat16"  # bfloat16 | float32 (float32 is forced on CPU)
     max_seq_length: int = 2048  # prompt + response tokens; longer examples are dropped with a warning
+    # Trainer attention kernel: sdpa | flash_attention_2 (needs flash-attn) | flex_attention | eager.
+    # All of them keep packed examples apart (training.packing).
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -68,6 +71,10 @@ class TrainingConfig:
     device: str = "cuda:0"
     packing: bool = True  # padding-free micro-batches with per-example attention boundaries
     compile: bool = False  # torch.compile the model (GPU)
+    # Recompute layer activations in the backward. Measured on an H200 with Qwen2.5-Math-1.5B's
+    # architecture, batch_size 40 packed: peak 108 GiB without (does not fit an 80 GB H100),
+    # 35 GiB with; steps ~35% slower (2.2 s -> 3.0 s).
+    gradient_checkpointing: bool = True
     output_dir: str = "results"
     run_id: str = ""  # empty: a new id from the timestamp; an existing id resumes that run
     keep_last_checkpoints: int = 0  # 0: keep all published checkpoints
@@ -99,6 +106,7 @@ class EvaluationConfig:
     logs_dir: str = "results/eval_logs"
     analysis_dir: str = "results/analysis"
     worker_id: str = ""  # empty: hostname-pid
+    hf_batch_size: int = 16  # prompts per model.generate call with engine: hf
 
 
 @dataclass
@@ -222,6 +230,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     t, e, m, d, lg = config.training, config.evaluation, config.model, config.data, config.logging
     _require(m.name_or_path != "", f"{source}: model.name_or_path is empty; set a hub id or a local directory")
     _require(m.dtype in ("bfloat16", "float32"), f"{source}: model.dtype must be bfloat16 or float32")
+    _require(m.attn_implementation in ("sdpa", "flash_attention_2", "flex_attention", "eager"),
+             f"{source}: model.attn_implementation must be sdpa, flash_attention_2, flex_attention or eager")
     _require(m.max_seq_length >= 16, f"{source}: model.max_seq_length must be >= 16")
     _require(d.format in ("math", "sft_pairs"), f"{source}: data.format must be math or sft_pairs")
     _require(t.learning_rate > 0, f"{source}: training.learning_rate must be > 0")
@@ -250,6 +260,11 @@ def validate(config: Config, source: str = "<config>") -> None:
     _require(e.entropy_sample_size >= 0, f"{source}: evaluation.entropy_sample_size must be >= 0")
     _require(e.grading_timeout_s > 0, f"{source}: evaluation.grading_timeout_s must be > 0")
     _require(e.grading_workers >= 1, f"{source}: evaluation.grading_workers must be >= 1")
+    _require(e.hf_batch_size >= 1, f"{source}: evaluation.hf_batch_size must be >= 1")
+    _require(e.max_tokens < e.max_model_len,
+             f"{source}: evaluation.max_tokens ({e.max_tokens}) must be < evaluation.max_model_len ({e.max_model_len}); raise max_model_len")
+    _require(e.worker_id == "" or _safe_name(e.worker_id),
+             f"{source}: evaluation.worker_id may hold only letters, digits, '-', '_' and '.'")
     _require(e.reconcile_interval_s > 0, f"{source}: evaluation.reconcile_interval_s must be > 0")
     _require(lg.log_every >= 1, f"{source}: logging.log_every must be >= 1")
 

@@ -1,0 +1,214 @@
+"""Resume state: everything needed to continue a run exactly where it stopped.
+
+Used by `bin/train`. Layout under `<output_dir>/runs/<run_id>/resume/`:
+
+    latest.json           {"step": N, "dir": "step_00000N"}: the only pointer readers follow
+    step_00000N/          model.safetensors (float32 master weights), optimizer.pt,
+                          trainer.pt (scheduler + RNG states), state.json (step, data position, tokens)
+
+Written atomically: a temporary directory is filled and fsynced, renamed into place, then
+latest.json is replaced (temp file + fsync + os.replace), then older states are deleted. A kill -9
+at any moment leaves latest.json pointing at a complete state. The daemon snapshots the state to
+host memory and writes it in the background (ResumeWriter), as the publisher does checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common.checkpoints import TEMP_PREFIX, atomic_write_json, fsync_dir, fsync_tree, step_dir_name
+from train_daemon.background import BackgroundWriter, copy_to_host
+from train_daemon.weights import load_weights, unique_state_dict
+
+logger = logging.getLogger(__name__)
+
+POINTER_NAME = "latest.json"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    data_epoch: int = 0  # data position: epoch ...
+    data_index: int = 0  # ... and examples of that epoch's order already consumed
+    tokens_seen: int = 0  # non-pad tokens trained on
+    last_loss: float | None = None  # loss and learning rate of the last step (checkpoint metrics)
+    last_learning_rate: float | None = None
+
+
+@dataclass
+class ResumeSnapshot:
+    """Host copies of everything in a resume state, taken at one step."""
+    state: TrainerState
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    trainer: dict  # scheduler state + RNG states
+
+
+def snapshot_resume_state(state: TrainerState, model, optimizer, scheduler,
+                          buffers: dict[str, torch.Tensor]) -> ResumeSnapshot:
+    """Host copies of the state at this step; training may change the originals right after.
+    The optimizer's tensors (AdamW moments, step counts) are copied like the weights."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value for index, entry in optimizer_state["state"].items()
+               for key, value in entry.items() if isinstance(value, torch.Tensor)}
+    copies = copy_to_host({**{f"model.{k}": v for k, v in unique_state_dict(model).items()},
+                           **{f"optimizer.{k}": v for k, v in tensors.items()}}, buffers)
+    host_state = {index: {key: copies.get(f"optimizer.{index}.{key}", value) for key, value in entry.items()}
+                  for index, entry in optimizer_state["state"].items()}
+    return ResumeSnapshot(
+        state=replace(state),
+        weights={k[len("model."):]: v for k, v in copies.items() if k.startswith("model.")},
+        optimizer={"state": host_state, "param_groups": copy.deepcopy(optimizer_state["param_groups"])},
+        trainer={"scheduler": scheduler.state_dict(), "rng": _rng_state()},
+    )
+
+
+def write_resume_state(resume_dir: Path, snapshot: ResumeSnapshot) -> float:
+    """Write a snapshot atomically (see module docstring); returns the seconds it took."""
+    start = time.monotonic()
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    final = resume_dir / step_dir_name(snapshot.state.step)
+    tmp = resume_dir / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(snapshot.optimizer, tmp / "optimizer.pt")
+        torch.save(snapshot.trainer, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(snapshot.state), indent=2) + "\n")
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
+        raise
+    if final.exists():  # the same step saved before a crash: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(resume_dir)
+    atomic_write_json(resume_dir / POINTER_NAME, {"step": snapshot.state.step, "dir": final.name})
+    for old in resume_dir.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return time.monotonic() - start
+
+
+def save_resume_state(resume_dir: Path, state: TrainerState, model, optimizer, scheduler) -> float:
+    """Snapshot and write in the calling thread (tests, tools); the daemon uses ResumeWriter."""
+    return write_resume_state(resume_dir, snapshot_resume_state(state, model, optimizer, scheduler, {}))
+
+
+class ResumeWriter:
+    """Saves resume state in the background: a 1.5B model's state is ~18 GB (float32 weights and
+    two AdamW moments) and writing it takes tens of seconds; the snapshot takes about one."""
+
+    def __init__(self, resume_dir: Path, saved_step: int):
+        self.resume_dir = resume_dir
+        self.requested_step = saved_step  # step of the latest save asked for (or loaded)
+        self.last_failed = False
+        self._writer = BackgroundWriter("resume-state")
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def save(self, state: TrainerState, model, optimizer, scheduler) -> None:
+        stalled = self._writer.wait()
+        if stalled > 0.1:
+            logger.warning("step %d: training waited %.1f s for the previous resume-state write", state.step, stalled)
+        start = time.monotonic()
+        snapshot = snapshot_resume_state(state, model, optimizer, scheduler, self._buffers)
+        logger.info("step %d: resume state copied to host memory in %.1f s", state.step, time.monotonic() - start)
+        self.requested_step = state.step
+        self._writer.submit(self._write, snapshot)
+
+    def wait(self) -> bool:
+        """Wait for the in-flight write; True when the latest save succeeded."""
+        self._writer.wait()
+        return not self.last_failed
+
+    def _write(self, snapshot: ResumeSnapshot) -> None:
+        try:
+            seconds = write_resume_state(self.resume_dir, snapshot)
+        except OSError as exc:  # disk full: training goes on; the previous resume state is still valid
+            self.last_failed = True
+            logger.error("writing resume state at step %d failed: %s; free disk space under %s",
+                         snapshot.state.step, exc, self.resume_dir)
+            return
+        self.last_failed = False
+        logger.info("resume state saved at step %d (%.1f s in the background)", snapshot.state.step, seconds)
+
+
+class ResumeError(ValueError):
+    """Resume state that cannot be loaded (one-line message naming the fix)."""
+
+
+def load_resume_state(resume_dir: Path, model, optimizer, scheduler, device: torch.device) -> TrainerState | None:
+    """Restore model, optimizer, scheduler and RNG from the latest state; None when there is none."""
+    pointer = resume_dir / POINTER_NAME
+    if not pointer.exists():
+        return None
+    try:
+        directory = resume_dir / json.loads(pointer.read_text())["dir"]
+        state = TrainerState(**json.loads((directory / "state.json").read_text()))
+        load_weights(model, directory / "model.safetensors")
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+        trainer = torch.load(directory / "trainer.pt", weights_only=True)
+        scheduler.load_state_dict(trainer["scheduler"])
+        _set_rng_state(trainer["rng"])
+    # Missing/corrupt files, or state from another model or optimizer layout.
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"cannot resume from {resume_dir} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          f"delete that directory to restart the run from step 0, or set a new training.run_id") from exc
+    return state
+
+
+def remove_stale_resume_temps(resume_dir: Path) -> None:
+    """Delete half-written states left by a crash (start-up only)."""
+    for child in resume_dir.glob(f"{TEMP_PREFIX}*"):
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trim_log(path: Path, last_step: int) -> int:
+    """Drop log lines past `last_step` (steps a crash made us redo), so the curve stays continuous.
+    A torn last line (kill -9 mid-write) is dropped too. Returns the number of lines dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            keep = json.loads(line).get("train_step", 0) <= last_step
+        except (json.JSONDecodeError, AttributeError):  # a torn or foreign line
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
