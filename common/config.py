@@ -36,9 +36,10 @@ class ModelConfig:
     tokenizer: str = ""
     dtype: str = "bfloat16"  # bfloat16 | float32 (float32 is forced on CPU)
     max_seq_length: int = 2048  # prompt + response tokens; longer examples are dropped with a warning
-    # Trainer attention kernel: sdpa | flash_attention_2 (needs flash-attn) | flex_attention | eager.
-    # All of them keep packed examples apart (training.packing).
-    attn_implementation: str = "sdpa"
+    # Trainer attention kernel: varlen (PyTorch's own flash-attention varlen kernel on GPU, no [T, T]
+    # mask; per-example sdpa on CPU) | sdpa | flash_attention_2 (needs flash-attn) | flex_attention | eager.
+    # All of them keep packed examples apart (training.packing); varlen needs packing.
+    attn_implementation: str = "varlen"
 
 
 @dataclass
@@ -55,7 +56,7 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     learning_rate: float = 2.0e-5
-    batch_size: int = 40  # sequences per micro-batch (packed into rows of max_tokens_per_micro_batch on GPU)
+    batch_size: int = 40  # sequences per micro-batch (packed: at most max_tokens_per_micro_batch tokens)
     gradient_accumulation_steps: int = 2
     warmup_steps: int = 100
     epochs: float = 1.0
@@ -70,11 +71,15 @@ class TrainingConfig:
     save_resume_every: int = 50  # write resumable state (weights+optimizer+RNG+data position) every N steps
     device: str = "cuda:0"
     packing: bool = True  # padding-free micro-batches with per-example attention boundaries
-    compile: bool = False  # torch.compile the model (GPU)
-    # Recompute layer activations in the backward. Measured on an H200 with Qwen2.5-Math-1.5B's
-    # architecture, batch_size 40 packed: peak 108 GiB without (does not fit an 80 GB H100),
-    # 35 GiB with; steps ~35% slower (2.2 s -> 3.0 s).
-    gradient_checkpointing: bool = True
+    # A packed micro-batch closes at batch_size examples or at this many tokens, whichever comes
+    # first (0: no token cap). The gradient of a step does not depend on the split (the loss is
+    # normalised per step). 12288 keeps Qwen2.5-Math-1.5B under ~65 GiB on one H100 without
+    # gradient checkpointing (docs/PERFORMANCE.md).
+    max_tokens_per_micro_batch: int = 12288
+    compile: bool = True  # torch.compile each decoder layer (GPU only; ignored on CPU)
+    # Recompute layer activations in the backward: ~30% slower steps, far less memory. Not needed
+    # at the default config on an 80 GB GPU (see max_tokens_per_micro_batch).
+    gradient_checkpointing: bool = False
     output_dir: str = "results"
     run_id: str = ""  # empty: a new id from the timestamp; an existing id resumes that run
     keep_last_checkpoints: int = 0  # 0: keep all published checkpoints
@@ -230,8 +235,11 @@ def validate(config: Config, source: str = "<config>") -> None:
     t, e, m, d, lg = config.training, config.evaluation, config.model, config.data, config.logging
     _require(m.name_or_path != "", f"{source}: model.name_or_path is empty; set a hub id or a local directory")
     _require(m.dtype in ("bfloat16", "float32"), f"{source}: model.dtype must be bfloat16 or float32")
-    _require(m.attn_implementation in ("sdpa", "flash_attention_2", "flex_attention", "eager"),
-             f"{source}: model.attn_implementation must be sdpa, flash_attention_2, flex_attention or eager")
+    _require(m.attn_implementation in ("varlen", "sdpa", "flash_attention_2", "flex_attention", "eager"),
+             f"{source}: model.attn_implementation must be varlen, sdpa, flash_attention_2, flex_attention or eager")
+    _require(m.attn_implementation != "varlen" or t.packing,
+             f"{source}: model.attn_implementation=varlen needs training.packing=true; set attn_implementation=sdpa for padded batches")
+    _require(t.max_tokens_per_micro_batch >= 0, f"{source}: training.max_tokens_per_micro_batch must be >= 0 (0: no cap)")
     _require(m.max_seq_length >= 16, f"{source}: model.max_seq_length must be >= 16")
     _require(d.format in ("math", "sft_pairs"), f"{source}: data.format must be math or sft_pairs")
     _require(t.learning_rate > 0, f"{source}: training.learning_rate must be > 0")

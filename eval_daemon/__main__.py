@@ -1,0 +1,331 @@
+"""bin/eval: evaluate every checkpoint the trainer publishes, record each exactly once.
+
+    bin/eval --config config/sft_config.yaml [key=value ...]        # watch results/checkpoints/ (GPU 1)
+    bin/eval --config config/sft_config.yaml --once                 # evaluate what is pending, then exit
+    bin/eval --config config/sft_config.yaml --checkpoint PATH_OR_HUB_ID   # one model, then exit
+
+Reads top to bottom: parse config -> validate (engine installed, device present) -> load (eval set,
+grader pool, engine; the first checkpoint starts the model) -> watch: start the observer FIRST, then
+scan what already exists, then follow manifest events (plus a reconcile scan every
+evaluation.reconcile_interval_s) -> clean up. SIGTERM and Ctrl-C take the same path: an evaluation
+in progress is abandoned with nothing written (it runs again on restart), the observer, the grader
+pool and the engine are stopped, exit code 0.
+
+Device: evaluation.device cuda:N on a machine without that GPU is a config error (exit 2, "set
+evaluation.device=cpu"), not a silent fallback: a 1.5B model on CPU takes days for MATH.
+Test hook: MATHSFT_TEST_EVAL_DELAY_S=<seconds> sleeps after generating and grading, before anything
+of the evaluation is written, so tests can kill the daemon mid-evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import queue
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.checkpoints import ManifestError, now_iso, read_sidecar
+from common.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, EvaluationConfig, add_config_arguments,
+                           load_config, to_dict)
+from common.data import DatasetError
+from common.grading import Grader, GraderError
+from common.store import StoreError, eval_key, is_recorded, recorded_keys
+from eval_daemon.engines import CheckpointLoadError, GenerationEngine, Sampling, is_local, make_engine
+from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation
+from eval_daemon.records import Trackers, commit_and_mark, file_timestamp, wandb_metrics, write_eval_files
+from eval_daemon.schedule import Checkpoint, WarnOnce, checkpoint_from_argument, pending, scan_published
+from eval_daemon.shutdown import Shutdown, StopSignal
+from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
+
+logger = logging.getLogger("eval_daemon")
+
+TEST_DELAY_ENV = "MATHSFT_TEST_EVAL_DELAY_S"
+
+
+@dataclass
+class Context:
+    config: Config
+    device: str
+    eval_set: EvalSet
+    sampling: Sampling
+    eval_key: str
+    worker_id: str
+    engine: GenerationEngine
+    grader: Grader
+    stop: StopSignal
+    trackers: Trackers
+    deferred: set = field(default_factory=set)  # (run_id, step) whose recording failed: retried on restart
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # ---- config and validation: nothing heavy is loaded before these pass ----
+    try:
+        config = load_config(args.config, args.overrides)
+        device = resolve_device(config.evaluation)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return CONFIG_ERROR_EXIT_CODE
+    e = config.evaluation
+    stop = StopSignal()
+    stop.install()
+    warn_about_cost(e, device)
+
+    # ---- load: eval set, grader pool, engine (the model itself comes with the first checkpoint) ----
+    try:
+        eval_set = load_eval_set(e, config.data.prompt_template)
+    except DatasetError as exc:
+        logger.error("%s", exc)
+        return CONFIG_ERROR_EXIT_CODE
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, stop=tuple(e.stop),
+                        seed=e.seed)
+    worker_id = e.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    grader = Grader(workers=e.grading_workers)
+    ctx = Context(config=config, device=device, eval_set=eval_set, sampling=sampling,
+                  eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
+                  worker_id=worker_id, engine=make_engine(config, device), grader=grader, stop=stop,
+                  trackers=Trackers(config, worker_id, Path(e.logs_dir) / "eval_metrics.jsonl"))
+    logger.info("eval worker %s: engine %s on %s, eval key %s, store %s", worker_id, e.engine, device,
+                ctx.eval_key, e.store_path)
+
+    # ---- work, then clean up on every path ----
+    try:
+        grader.start()
+        if args.checkpoint:
+            return evaluate_single(ctx, args.checkpoint)
+        serve(ctx, once=args.once)
+        return 0
+    except Shutdown:
+        return 0
+    except GraderError as exc:
+        logger.error("the grading pool does not work: %s", exc)
+        return 1
+    finally:
+        logger.info("shutting down: grader pool, engine, W&B")
+        grader.close()
+        ctx.engine.close()
+        ctx.trackers.finish()
+        logger.info("stopped")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bin/eval", description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="evaluate the pending checkpoints, then exit")
+    mode.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID", help="evaluate one model directory or hub id, then exit")
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --once
+
+
+def resolve_device(e: EvaluationConfig) -> str:
+    """The torch device this process uses; ConfigError naming the fix when the engine or GPU is missing."""
+    device = "cuda:0" if e.device == "cuda" else e.device
+    if e.engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("evaluation.engine is vllm but vllm is not installed; set evaluation.engine=hf "
+                              "(slower) or install vllm")
+        if device.startswith("cuda"):
+            device = _pin_vllm_gpu(device)
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: enough for small models
+    if device.startswith("cuda"):
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device.split(":")[1]) >= visible:
+            raise ConfigError(f"evaluation.device is {e.device} but {visible} GPU(s) are visible; set "
+                              f"evaluation.device=cpu (with evaluation.engine=hf on a machine without vLLM) "
+                              f"or an existing cuda:N")
+    if e.engine == "vllm":
+        from vllm.platforms import current_platform
+
+        if device == "cpu" and not current_platform.is_cpu():
+            raise ConfigError("evaluation.device=cpu but the installed vLLM is a GPU build; set evaluation.engine=hf")
+        if device.startswith("cuda") and current_platform.is_cpu():
+            raise ConfigError(f"evaluation.device={e.device} but the installed vLLM is the CPU build (vllm-cpu); "
+                              f"install the GPU build or set evaluation.device=cpu")
+    return device
+
+
+def _pin_vllm_gpu(device: str) -> str:
+    """vLLM runs on the first visible GPU: make cuda:N that one (before anything initialises CUDA)."""
+    index = device.split(":")[1]
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+        logger.info("CUDA_VISIBLE_DEVICES=%s so that vLLM runs on %s", index, device)
+    elif index != "0":
+        logger.warning("CUDA_VISIBLE_DEVICES=%s is set, so vLLM uses the first GPU it lists; evaluation.device=%s "
+                       "is not applied", os.environ["CUDA_VISIBLE_DEVICES"], device)
+    return "cuda:0"
+
+
+def warn_about_cost(e: EvaluationConfig, device: str) -> None:
+    if e.engine == "hf":
+        logger.warning("evaluation.engine=hf: transformers generation without continuous batching is many times "
+                       "slower than vLLM; meant for CPU demos, tests, or machines without vLLM")
+    if device == "cpu":
+        logger.warning("evaluating on CPU: fine for the tiny demo model, far too slow for Qwen2.5-Math-1.5B on MATH")
+
+
+# ---- the daemon loop -----------------------------------------------------------------------------
+
+
+def serve(ctx: Context, once: bool) -> None:
+    """Evaluate pending checkpoints one at a time; when none is pending, wait for a manifest event
+    or the reconcile timeout (or exit, with --once)."""
+    e = ctx.config.evaluation
+    wakeups: queue.Queue = queue.Queue()
+    # The observer starts before the first scan: a checkpoint published in between is seen by one or the other.
+    observer = None if once else start_observer(Path(e.checkpoints_dir), wakeups, e.poll_observer)
+    warn = WarnOnce()
+    idle_logged = False
+    try:
+        while not ctx.stop.requested:
+            todo = pending_work(ctx, warn)
+            if todo:
+                idle_logged = False
+                evaluate_guarded(ctx, todo[0])
+                continue
+            if once:
+                logger.info("nothing pending; exiting (--once)")
+                return
+            if not idle_logged:
+                logger.info("all published checkpoints are evaluated; watching %s", e.checkpoints_dir)
+                idle_logged = True
+            wait_for_change(wakeups, e.reconcile_interval_s, lambda: ctx.stop.requested)
+    finally:
+        if observer is not None:
+            stop_observer(observer)
+
+
+def pending_work(ctx: Context, warn: WarnOnce) -> list[Checkpoint]:
+    e = ctx.config.evaluation
+    published = scan_published(Path(e.checkpoints_dir), warn)
+    try:
+        recorded = recorded_keys(e.store_path)
+    except StoreError as exc:  # the store is busy or unreadable now; the next scan tries again
+        logger.warning("cannot read the store (%s); retrying in %.0f s", exc, e.reconcile_interval_s)
+        return []
+    recorded |= {(run_id, step, ctx.eval_key) for run_id, step in ctx.deferred}
+    return pending(published, recorded, ctx.eval_key, e.schedule)
+
+
+def evaluate_single(ctx: Context, model: str) -> int:
+    if is_local(model) and not Path(model).expanduser().is_dir():
+        logger.error("--checkpoint %s: no such model directory; pass a Hugging Face model directory or a hub id", model)
+        return CONFIG_ERROR_EXIT_CODE
+    checkpoint = checkpoint_from_argument(model)
+    if is_recorded(ctx.config.evaluation.store_path, checkpoint.run_id, checkpoint.step, ctx.eval_key):
+        logger.info("%s (run %s step %d) is already recorded for %s; nothing to do", model, checkpoint.run_id,
+                    checkpoint.step, ctx.eval_key)
+        return 0
+    return 0 if evaluate_guarded(ctx, checkpoint) else 1
+
+
+def evaluate_guarded(ctx: Context, checkpoint: Checkpoint) -> bool:
+    """evaluate_checkpoint, turning a failure to record into one log line and a retry on restart."""
+    try:
+        return evaluate_checkpoint(ctx, checkpoint)
+    except (StoreError, OSError) as exc:  # store locked past its retry budget, disk full: not the checkpoint's fault
+        logger.error("run %s step %d was evaluated but could not be recorded (%s: %s); it is retried when the "
+                     "daemon restarts", checkpoint.run_id, checkpoint.step, type(exc).__name__, exc)
+        ctx.deferred.add((checkpoint.run_id, checkpoint.step))
+        return False
+
+
+def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
+    """Load, evaluate and record one checkpoint; True when it was evaluated (False: recorded as failed)."""
+    e = ctx.config.evaluation
+    started_at, started = now_iso(), time.perf_counter()
+    logger.info("evaluating run %s step %d (%s)", checkpoint.run_id, checkpoint.step, checkpoint.path)
+    try:
+        with ctx.stop.abortable():
+            ctx.engine.load(str(checkpoint.path))
+            result = run_evaluation(ctx.engine, ctx.eval_set, ctx.sampling, ctx.grader, e.grading_timeout_s,
+                                    ctx.config.logging.progress_bar, ctx.device)
+            _test_delay()
+    except CheckpointLoadError as exc:
+        logger.error("run %s step %d failed to load: %s; recorded as failed, continuing", checkpoint.run_id,
+                     checkpoint.step, exc)
+        commit_and_mark(Path(e.store_path), evaluation_row(ctx, checkpoint, started_at, error=str(exc)), [],
+                        checkpoint.run_dir)
+        return False
+    except Shutdown:
+        logger.warning("abandoned the evaluation of run %s step %d: nothing of it was written; it runs again on "
+                       "restart", checkpoint.run_id, checkpoint.step)
+        raise
+    # ---- record: not abortable, files first, then the store commit (the point of truth) ----
+    row = evaluation_row(ctx, checkpoint, started_at, result=result, total_s=time.perf_counter() - started)
+    write_eval_files(Path(e.logs_dir), Path(e.analysis_dir), checkpoint.step, file_timestamp(), _file_header(row),
+                     result.samples, result.metrics, result.timings)
+    if not commit_and_mark(Path(e.store_path), row, result.samples, checkpoint.run_dir):
+        logger.warning("run %s step %d was recorded by another worker meanwhile; this result is not stored",
+                       checkpoint.run_id, checkpoint.step)
+        return True
+    _log_result(checkpoint, result, row)
+    ctx.trackers.log(_wandb_group(ctx, checkpoint), wandb_metrics(result.metrics, result.gpu), checkpoint.step)
+    return True
+
+
+def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result: EvalResult | None = None,
+                   total_s: float | None = None, error: str | None = None) -> dict:
+    """The evaluations-table row (common.store) of an evaluation, ok or failed."""
+    sidecar = _sidecar(checkpoint)
+    row = {
+        "run_id": checkpoint.run_id, "step": checkpoint.step, "eval_key": ctx.eval_key,
+        "eval_set": ctx.eval_set.name,
+        "checkpoint_path": str(checkpoint.path.resolve() if checkpoint.path.exists() else checkpoint.path),
+        "status": "failed" if result is None else "ok", "error": error,
+        "engine": ctx.engine.name, "sampling": ctx.sampling.as_dict(), "config": to_dict(ctx.config),
+        "published_at": checkpoint.published_at or None, "started_at": started_at, "finished_at": now_iso(),
+        "worker_id": ctx.worker_id, "run_config": sidecar.get("config"), "checkpoint_metrics": checkpoint.metrics,
+    }
+    if result is not None:
+        row.update(result.metrics)
+        row.update(generation_seconds=result.timings["generation_seconds"],
+                   grading_seconds=result.timings["grading_seconds"], total_seconds=total_s)
+    return row
+
+
+def _sidecar(checkpoint: Checkpoint) -> dict:
+    try:
+        return read_sidecar(checkpoint.path)
+    except ManifestError:  # a model that is not a published checkpoint (base model, hub id) has none
+        return {}
+
+
+def _file_header(row: dict) -> dict:
+    keys = ("run_id", "step", "eval_key", "eval_set", "checkpoint_path", "engine", "sampling", "published_at",
+            "started_at", "finished_at", "worker_id")
+    return {key: row[key] for key in keys}
+
+
+def _wandb_group(ctx: Context, checkpoint: Checkpoint) -> str:
+    return str(_sidecar(checkpoint).get("wandb_group") or ctx.config.logging.wandb_group or "")
+
+
+def _log_result(checkpoint: Checkpoint, result: EvalResult, row: dict) -> None:
+    m, t = result.metrics, result.timings
+    logger.info("run %s step %d: accuracy %.4f, format %.4f (n=%d); generation %.1f s, grading %.1f s, "
+                "entropy %.1f s, total %.1f s", checkpoint.run_id, checkpoint.step, m["accuracy"] or 0.0,
+                m["format_accuracy"] or 0.0, m["num_test_cases"], t["generation_seconds"], t["grading_seconds"],
+                t["entropy_seconds"], row["total_seconds"])
+
+
+def _test_delay() -> None:
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.info("test hook %s: sleeping %.1f s before recording", TEST_DELAY_ENV, delay)
+        time.sleep(delay)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Generation engines behind one Protocol: vLLM (default on GPU) and Hugging Face transformers.
+
+- VllmEngine keeps ONE `vllm.LLM` alive across checkpoints. The first checkpoint starts it (tens
+  of seconds); each later checkpoint of the same architecture and tokenizer is loaded into the
+  live engine with vLLM's `reload_weights(weights_path=...)`, run in the workers through
+  `collective_rpc` (eval_daemon/vllm_worker.py; checked on vLLM 0.32: 0.02 s vs a 20-27 s start
+  for the tiny model on CPU), then the prefix cache is reset so that no KV computed with the old
+  weights is reused. When the architecture or the tokenizer differ, or the reload fails, the
+  engine is restarted (logged).
+- HfEngine runs `model.generate` in length-sorted, left-padded batches: the fallback for CPU or
+  machines without vLLM, much slower (a WARNING says so at start-up).
+
+Both load safetensors weights only and never run remote code. Both score token entropy on a
+subsample with the model they already hold (eval_daemon/entropy.py says how).
+Used by `bin/eval` (eval_daemon/__main__.py) and bench/eval_engine_reuse.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs, mean_entropy_from_logits
+
+logger = logging.getLogger(__name__)
+
+# Files whose content must match for a checkpoint to be loaded into a live vLLM engine.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+ARCH_KEYS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta",
+             "max_position_embeddings")
+
+
+class CheckpointLoadError(Exception):
+    """A model directory that cannot be loaded (one-line message naming the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: tuple[str, ...]
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass
+class Generation:
+    text: str  # the response, cut after the stop string (which is kept)
+    token_ids: list[int]  # generated tokens (the EOS token included when it ended the response)
+    prompt_token_ids: list[int]
+    finish_reason: str  # 'stop' (stop string or EOS) | 'length' (max_tokens or max_model_len)
+    num_tokens: int
+
+
+class GenerationEngine(Protocol):
+    name: str
+    entropy_method: str
+
+    def load(self, model_path: str) -> None:
+        """Make model_path the model that generate() uses; raise CheckpointLoadError when it cannot."""
+
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
+        """One Generation per prompt, in prompt order; all prompts are submitted together."""
+
+    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+        """Mean token entropy of each response under the loaded model (None for an empty response)."""
+
+    def close(self) -> None:
+        """Free the model and any worker processes."""
+
+
+# ---- checking a model directory before any engine touches it -------------------------------------
+
+
+def is_local(model_path: str) -> bool:
+    return Path(model_path).expanduser().exists() or model_path.startswith((".", "/", "~"))
+
+
+def check_model_dir(model_path: str) -> None:
+    """Fail fast, in one line, on a local model directory that cannot be a safetensors HF model.
+
+    Hub ids are not checked here (the engine downloads them, with use_safetensors / load_format
+    safetensors so pickled weights are never loaded).
+    """
+    if not is_local(model_path):
+        return
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise CheckpointLoadError(f"{path} is not a directory")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointLoadError(f"{path}: missing config.json") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointLoadError(f"{path}/config.json is unreadable ({exc})") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointLoadError(f"{path}/config.json has no model_type; not a Hugging Face model config")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: only safetensors weights are loaded)" if pickled else ""
+        raise CheckpointLoadError(f"{path}: no *.safetensors weights{hint}")
+    _check_safetensors(path, weights)
+
+
+def _check_safetensors(path: Path, weights: list[Path]) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointLoadError(f"{index} is unreadable ({exc!r})") from exc
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise CheckpointLoadError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+    for file in weights:
+        # Opening parses the header and checks it against the file size: catches truncated and
+        # garbage files without reading the tensors.
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointLoadError(f"{file} is not a valid safetensors file ({exc})") from exc
+
+
+def model_fingerprint(model_path: str) -> str | None:
+    """Hash of the architecture fields and tokenizer files; equal fingerprints can share an engine."""
+    if not is_local(model_path):
+        return None
+    path = Path(model_path).expanduser()
+    digest = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    digest.update(json.dumps({k: config.get(k) for k in ARCH_KEYS}, sort_keys=True).encode())
+    for name in TOKENIZER_FILES:
+        file = path / name
+        digest.update(name.encode() + (file.read_bytes() if file.is_file() else b"<absent>"))
+    return digest.hexdigest()
+
+
+def tokenizer_source(model_path: str, fallback: str) -> str:
+    """The checkpoint's own tokenizer when it ships one, else the configured one."""
+    if not is_local(model_path) or (Path(model_path).expanduser() / "tokenizer_config.json").is_file():
+        return model_path
+    return fallback
+
+
+def empty_generation(prompt_ids: list[int]) -> Generation:
+    """The result for a prompt too long for max_model_len: graded as an incomplete generation."""
+    return Generation(text="", token_ids=[], prompt_token_ids=prompt_ids, finish_reason="length", num_tokens=0)
+
+
+# ---- vLLM ----------------------------------------------------------------------------------------
+
+
+class VllmEngine:
+    name = "vllm"
+    entropy_method = f"vllm_prompt_logprobs_top{TOP_K}_lower_bound"
+
+    def __init__(self, device: str, dtype: str, gpu_memory_utilization: float, max_model_len: int,
+                 seed: int, tokenizer_fallback: str) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.tokenizer_fallback = tokenizer_fallback
+        self.llm = None
+        self.fingerprint: str | None = None
+        self.last_load: dict = {}  # {"kind": "start" | "reload", "seconds": ...} for logs and the bench
+
+    def load(self, model_path: str) -> None:
+        check_model_dir(model_path)
+        fingerprint = model_fingerprint(model_path)
+        if self.llm is not None and fingerprint is not None and fingerprint == self.fingerprint:
+            if self._reload(model_path):
+                return
+        elif self.llm is not None:
+            logger.warning("%s differs from the live engine's model in architecture or tokenizer; "
+                           "restarting vLLM (a cold start instead of a weight reload)", model_path)
+            self.close()
+        self._start(model_path)
+        self.fingerprint = fingerprint
+
+    def _start(self, model_path: str) -> None:
+        from vllm import LLM
+
+        started = time.perf_counter()
+        try:
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=tokenizer_source(model_path, self.tokenizer_fallback),
+                dtype=self.dtype,
+                seed=self.seed,
+                max_model_len=self.max_model_len,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enforce_eager=self.device == "cpu",  # CPU: skip graph capture, minutes of compile for nothing
+                trust_remote_code=False,
+                load_format="safetensors",
+                worker_extension_cls="eval_daemon.vllm_worker.CheckpointReload",
+            )
+        except Exception as exc:  # vLLM raises many unrelated types for a bad model (ValueError, RuntimeError, OSError, ...)
+            self.close()
+            raise CheckpointLoadError(f"vLLM could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
+        logger.info("vLLM engine started on %s in %.1f s", model_path, self.last_load["seconds"])
+
+    def _reload(self, model_path: str) -> bool:
+        """Load new weights into the live engine; False (engine closed) when that did not work."""
+        started = time.perf_counter()
+        try:
+            # reload_weights(weights_path=...) plus a fix for tied LM heads: eval_daemon/vllm_worker.py
+            results = self.llm.collective_rpc("reload_checkpoint", args=(str(model_path),))
+        except Exception as exc:  # raised from the worker with any type; its weights are now in an unknown state
+            logger.warning("weight reload of %s failed (%s: %s); restarting vLLM", model_path,
+                           type(exc).__name__, _first_line(exc))
+            self.close()
+            return False
+        # Cached KV blocks were computed with the old weights: never reuse them.
+        self.llm.reset_prefix_cache()
+        self.last_load = {"kind": "reload", "seconds": time.perf_counter() - started}
+        logger.info("loaded %s into the live vLLM engine in %.2f s (%s)", model_path, self.last_load["seconds"], results[0])
+        return True
+
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
+        _warn_too_long(len(prompts) - len(fits), self.max_model_len)
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                stop=list(sampling.stop), include_stop_str_in_output=True)
+        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params, use_tqdm=progress)
+        results = [empty_generation(ids) for ids in prompt_ids]
+        for i, output in zip(fits, outputs):
+            completion = output.outputs[0]
+            results[i] = Generation(text=completion.text, token_ids=list(completion.token_ids),
+                                    prompt_token_ids=prompt_ids[i], finish_reason=_finish(completion.finish_reason),
+                                    num_tokens=len(completion.token_ids))
+        return results
+
+    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+        from vllm import SamplingParams
+
+        # Prefill only: prompt_logprobs over prompt + response, one generated token that is discarded.
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False)
+        scored = [i for i, g in enumerate(generations) if g.token_ids]
+        requests = [{"prompt_token_ids": (generations[i].prompt_token_ids + generations[i].token_ids)[: self.max_model_len - 1]}
+                    for i in scored]
+        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        results: list[float | None] = [None] * len(generations)
+        for i, output in zip(scored, outputs):
+            start = len(generations[i].prompt_token_ids)
+            positions = [p for p in output.prompt_logprobs[start:] if p]
+            if positions:
+                values = [entropy_from_top_logprobs([lp.logprob for lp in p.values()]) for p in positions]
+                results[i] = sum(values) / len(values)
+        return results
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()  # stops the engine-core process now rather than at interpreter exit
+        self.llm = None
+        self.fingerprint = None
+        gc.collect()
+
+
+def _finish(reason: str | None) -> str:
+    # vLLM says 'stop' for EOS and stop strings, 'length' for max_tokens / max_model_len.
+    return "length" if reason == "length" else "stop"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _warn_too_long(count: int, max_model_len: int) -> None:
+    if count:
+        logger.warning("%d prompt(s) are longer than evaluation.max_model_len=%d tokens; they are graded as "
+                       "incomplete generations (raise evaluation.max_model_len to evaluate them)", count, max_model_len)
+
+
+# ---- Hugging Face transformers -------------------------------------------------------------------
+
+
+class HfEngine:
+    name = "hf"
+    entropy_method = "hf_forward_full_vocab"
+
+    def __init__(self, device: str, dtype: str, batch_size: int, max_model_len: int, seed: int,
+                 tokenizer_fallback: str) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.tokenizer_fallback = tokenizer_fallback
+        self.model = None
+        self.tokenizer = None
+        self.last_load: dict = {}
+
+    def load(self, model_path: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        check_model_dir(model_path)
+        started = time.perf_counter()
+        self.close()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=getattr(torch, self.dtype), use_safetensors=True, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path, self.tokenizer_fallback),
+                                                      trust_remote_code=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # what from_pretrained raises for bad files
+            raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
+        logger.info("loaded %s with transformers on %s in %.1f s", model_path, self.device, self.last_load["seconds"])
+
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
+        import torch
+        from tqdm import tqdm
+
+        prompt_ids = [self.tokenizer.encode(p) for p in prompts]
+        results = [empty_generation(ids) for ids in prompt_ids]
+        fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
+        _warn_too_long(len(prompts) - len(fits), self.max_model_len)
+        order = sorted(fits, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: less padding
+        torch.manual_seed(sampling.seed)
+        with tqdm(total=len(order), desc="generating (hf)", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                for i, generation in zip(batch, self._generate_batch([prompt_ids[i] for i in batch], sampling)):
+                    results[i] = generation
+                bar.update(len(batch))
+        return results
+
+    def _generate_batch(self, batch_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig
+
+        encoded = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
+        eos_ids = self._eos_ids()
+        # Sampling as in vLLM: no top-k (transformers would default it to 50), no repetition penalty.
+        sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} \
+            if sampling.temperature > 0 else {"do_sample": False}
+        config = GenerationConfig(max_new_tokens=sampling.max_tokens, repetition_penalty=1.0, **sample,
+                                  stop_strings=list(sampling.stop) or None, eos_token_id=eos_ids,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            output = self.model.generate(**encoded, generation_config=config, tokenizer=self.tokenizer)
+        width = encoded["input_ids"].shape[1]
+        return [self._to_generation(ids, row[width:].tolist(), eos_ids, sampling.stop)
+                for ids, row in zip(batch_ids, output)]
+
+    def _to_generation(self, prompt_ids: list[int], new_ids: list[int], eos_ids: list[int],
+                       stops: tuple[str, ...]) -> Generation:
+        eos_at = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
+        before_eos = new_ids if eos_at is None else new_ids[:eos_at]
+        text = self.tokenizer.decode(before_eos, skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if hits:
+            # Generation stopped on the token completing the stop string; what follows is padding
+            # (pad = EOS for Qwen). Keep the stop string, drop anything the last token carried past it.
+            at, stop = min(hits)
+            return Generation(text[: at + len(stop)], before_eos, prompt_ids, "stop", len(before_eos))
+        if eos_at is not None:
+            tokens = new_ids[: eos_at + 1]
+            return Generation(text, tokens, prompt_ids, "stop", len(tokens))
+        return Generation(text, new_ids, prompt_ids, "length", len(new_ids))
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+        import torch
+
+        results: list[float | None] = [None] * len(generations)
+        scored = [i for i, g in enumerate(generations) if g.token_ids]
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        with torch.inference_mode():
+            for start in range(0, len(scored), self.batch_size):
+                batch = scored[start:start + self.batch_size]
+                sequences = [generations[i].prompt_token_ids + generations[i].token_ids for i in batch]
+                # Right padding: position ids start at 0 in every row, as during generation.
+                width = max(len(s) for s in sequences)
+                ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, sequence in enumerate(sequences):
+                    ids[row, : len(sequence)] = torch.tensor(sequence)
+                    mask[row, : len(sequence)] = 1
+                hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                for row, i in enumerate(batch):
+                    first = len(generations[i].prompt_token_ids) - 1  # this position predicts the first response token
+                    states = hidden[row, first: first + len(generations[i].token_ids)]
+                    # Chunks of positions keep the [positions, vocab] logits small for a 150k vocabulary.
+                    chunks = [mean_entropy_from_logits(head(states[c:c + 256])) * len(states[c:c + 256])
+                              for c in range(0, len(states), 256)]
+                    results[i] = sum(chunks) / len(states)
+        return results
+
+    def close(self) -> None:
+        if self.model is None:
+            return
+        on_gpu = self.device.startswith("cuda")
+        self.model = None
+        gc.collect()
+        if on_gpu:
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def make_engine(config, device: str) -> GenerationEngine:
+    """The configured engine (no model loaded yet: the first checkpoint loads one)."""
+    e = config.evaluation
+    dtype = "float32" if device == "cpu" else config.model.dtype  # bfloat16 matmuls on CPU are slow or missing
+    tokenizer = config.model.tokenizer or config.model.name_or_path
+    if e.engine == "vllm":
+        return VllmEngine(device, dtype, e.gpu_memory_utilization, e.max_model_len, e.seed, tokenizer)
+    return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer)

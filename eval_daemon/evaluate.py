@@ -1,0 +1,180 @@
+"""One evaluation of the loaded model: prompts -> generate -> grade -> entropy -> samples + metrics.
+
+Every example becomes one sample row (the store's `samples` columns): prompt, problem, response,
+ground truth, solution, subject, level, problem id, rewards, category, format failure type,
+response length in tokens, finish reason, token entropy (None outside the entropy subsample) and
+the grader's note. Categories: `correct` (format 1, answer 1), `wrong_answer` (format 1,
+answer 0), `format_failure` (format 0; the type comes from common.grading.format_failure_type,
+where `incomplete_generation` wins whenever max_tokens cut the response).
+Used by `bin/eval` (eval_daemon/__main__.py) and bench/eval_engine_reuse.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from common.config import EvaluationConfig
+from common.data import MathExample, build_prompt, load_math, load_prompt_template, select_subset
+from common.grading import Grader
+from eval_daemon.engines import Generation, GenerationEngine, Sampling
+from eval_daemon.entropy import sample_indices
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = ("correct", "wrong_answer", "format_failure")
+DEFAULT_TEST_SOURCE = "hendrycks/competition_math"
+MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
+
+
+@dataclass
+class EvalSet:
+    name: str  # evaluation.eval_set: math | math500
+    examples: list[MathExample]
+    prompts: list[str]
+    entropy_indices: list[int]  # the fixed subsample whose token entropy is scored
+
+
+@dataclass
+class EvalResult:
+    samples: list[dict]
+    metrics: dict  # the evaluations-table metrics (counts, accuracies, lengths, entropy)
+    timings: dict = field(default_factory=dict)  # generation_seconds, grading_seconds, entropy_seconds
+    gpu: dict = field(default_factory=dict)  # memory_used (GiB, peak) and utilization (%, mean) while generating
+
+
+def load_eval_set(evaluation: EvaluationConfig, prompt_template: str) -> EvalSet:
+    """MATH test (or MATH-500), the seeded subset when num_eval_samples > 0, and the R1-zero prompts."""
+    source = evaluation.test_source
+    if evaluation.eval_set == "math500" and source == DEFAULT_TEST_SOURCE:
+        source = MATH500_HUB_ID  # the default points at full MATH; MATH-500 has its own hub dataset
+    examples = select_subset(load_math(source, evaluation.test_split), evaluation.num_eval_samples, evaluation.seed)
+    template = load_prompt_template(prompt_template)
+    prompts = [build_prompt(template, example.problem) for example in examples]
+    indices = sample_indices(len(examples), evaluation.entropy_sample_size, evaluation.seed)
+    logger.info("eval set %s: %d problems from %s (entropy scored on %d)", evaluation.eval_set, len(examples),
+                source, len(indices))
+    return EvalSet(name=evaluation.eval_set, examples=examples, prompts=prompts, entropy_indices=indices)
+
+
+def run_evaluation(engine: GenerationEngine, eval_set: EvalSet, sampling: Sampling, grader: Grader,
+                   grading_timeout_s: float, progress: bool, gpu_device: str = "cpu") -> EvalResult:
+    """Evaluate the engine's loaded model on the eval set; never raises on odd model output."""
+    started = time.perf_counter()
+    with GpuSampler(gpu_device) as gpu:
+        generations = engine.generate(eval_set.prompts, sampling, progress)  # one call: continuous batching
+    generated = time.perf_counter()
+    grades = grader.grade([g.text for g in generations], [e.answer for e in eval_set.examples], grading_timeout_s,
+                          [g.finish_reason for g in generations])
+    graded = time.perf_counter()
+    entropies = _subsample_entropies(engine, generations, eval_set.entropy_indices)
+    scored = time.perf_counter()
+    samples = [make_sample(example, prompt, generation, grade, entropies.get(index))
+               for index, (example, prompt, generation, grade)
+               in enumerate(zip(eval_set.examples, eval_set.prompts, generations, grades))]
+    timings = {"generation_seconds": generated - started, "grading_seconds": graded - generated,
+               "entropy_seconds": scored - graded}
+    return EvalResult(samples=samples, metrics=summarize(samples, engine.entropy_method), timings=timings,
+                      gpu=gpu.summary())
+
+
+def _subsample_entropies(engine: GenerationEngine, generations: list[Generation], indices: list[int]) -> dict[int, float]:
+    if not indices:
+        return {}
+    values = engine.token_entropies([generations[i] for i in indices])
+    return {i: v for i, v in zip(indices, values) if v is not None}
+
+
+def categorize(format_reward: float, answer_reward: float) -> str:
+    if format_reward < 1:
+        return "format_failure"
+    return "correct" if answer_reward >= 1 else "wrong_answer"
+
+
+def make_sample(example: MathExample, prompt: str, generation: Generation, grade: dict,
+                entropy: float | None) -> dict:
+    category = categorize(grade["format_reward"], grade["answer_reward"])
+    return {
+        "problem_id": example.problem_id, "subject": example.subject, "level": example.level,
+        "problem": example.problem, "prompt": prompt, "response": generation.text,
+        "ground_truth": example.answer, "solution": example.solution,
+        "format_reward": grade["format_reward"], "answer_reward": grade["answer_reward"], "reward": grade["reward"],
+        "category": category,
+        "format_failure_type": grade["format_failure_type"] if category == "format_failure" else None,
+        "response_length": generation.num_tokens, "finish_reason": generation.finish_reason,
+        "token_entropy": entropy, "grading_note": grade["grading_note"] or None,
+    }
+
+
+def summarize(samples: list[dict], entropy_method: str) -> dict:
+    """The evaluations-table metrics of one evaluation (None where a mean has no values)."""
+    n = len(samples)
+    counts = Counter(s["category"] for s in samples)
+    lengths = [s["response_length"] for s in samples]
+    correct = [s["response_length"] for s in samples if s["category"] == "correct"]
+    incorrect = [s["response_length"] for s in samples if s["category"] != "correct"]
+    entropies = [s["token_entropy"] for s in samples if s["token_entropy"] is not None]
+    return {
+        "num_test_cases": n,
+        "num_correct": counts["correct"],
+        "num_format_correct": counts["correct"] + counts["wrong_answer"],
+        "num_wrong_answer": counts["wrong_answer"],
+        "num_format_failure": counts["format_failure"],
+        "accuracy": counts["correct"] / n if n else None,
+        "format_accuracy": (counts["correct"] + counts["wrong_answer"]) / n if n else None,
+        "avg_response_length": _mean(lengths),
+        "avg_response_length_correct": _mean(correct),
+        "avg_response_length_incorrect": _mean(incorrect),
+        "avg_token_entropy": _mean(entropies),
+        "entropy_method": entropy_method if entropies else None,
+        "entropy_sample_size": len(entropies),
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class GpuSampler:
+    """Samples GPU memory and utilization once a second while generating (nothing on CPU)."""
+
+    def __init__(self, device: str, interval_s: float = 1.0) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if self.device.startswith("cuda"):
+            self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from common.tracking import gpu_stats
+
+        while True:
+            stats = gpu_stats(self.device)
+            if stats:
+                self.samples.append(stats)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def summary(self) -> dict:
+        memory = [s["memory_used"] for s in self.samples if "memory_used" in s]
+        utilization = [s["utilization"] for s in self.samples if "utilization" in s]
+        summary = {}
+        if memory:
+            summary["memory_used"] = max(memory)
+        if utilization:
+            summary["utilization"] = sum(utilization) / len(utilization)
+        return summary

