@@ -49,7 +49,7 @@ def publish_model(root: Path, run_id: str, step: int, base_model: Path, noise_se
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
     sidecar = {"run_id": run_id, "step": step, "wandb_group": f"group-{run_id}", "config": {"training": {"seed": 1}}}
-    return publish_checkpoint(root / run_id, run_id, step, write, sidecar, {"train/loss": 1.0 / step})
+    return publish_checkpoint(root / run_id, run_id, step, write, sidecar, {"train/loss": 1.0 / max(step, 1)})
 
 
 def daemon_args(math_dir: Path, *extra: str, engine: str = "hf") -> list[str]:
