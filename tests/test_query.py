@@ -1,5 +1,5 @@
 """bin/query on a filled store: output formats, views by name, refused writes, one-line errors, every
-SQL in docs/ANALYSIS.md (checked against the data that was written), and a reader looping in its own
+SQL in README.md (checked against the data that was written), and a reader looping in its own
 process while another process commits evaluations."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from common import store
 from common.query import run_query
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOC = REPO_ROOT / "docs" / "ANALYSIS.md"
+DOC = REPO_ROOT / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -168,14 +168,14 @@ def test_bin_query_wrapper_runs_from_another_directory(filled, tmp_path):
     assert result.stdout.splitlines()[-1] == "(2 rows)"
 
 
-# ---- the SQL in docs/ANALYSIS.md -----------------------------------------------------------------
+# ---- the SQL in README.md -----------------------------------------------------------------
 
 
 def doc_queries() -> dict[str, str]:
     text = DOC.read_text()
     blocks = re.findall(r"```sql\n(.*?)```", text, re.S)
     named = dict(re.findall(r"<!-- sql: (\w+) -->\n```sql\n(.*?)```", text, re.S))
-    assert len(named) == len(blocks), "every ```sql block in docs/ANALYSIS.md needs a <!-- sql: name --> line"
+    assert len(named) == len(blocks), "every ```sql block in README.md needs a <!-- sql: name --> line"
     return named
 
 
@@ -255,7 +255,7 @@ CHECKS = {
 
 def test_every_sql_in_the_docs_runs_and_gives_the_right_answer(filled):
     queries = doc_queries()
-    assert set(CHECKS) <= set(queries), f"docs/ANALYSIS.md lost {set(CHECKS) - set(queries)}"
+    assert set(CHECKS) <= set(queries), f"README.md lost {set(CHECKS) - set(queries)}"
     for name, sql in queries.items():
         columns, rows = run_query(filled.db_path, sql)
         assert rows, f"{name} returned no rows on the filled store"
