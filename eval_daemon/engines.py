@@ -255,17 +255,18 @@ class VllmEngine:
         from vllm import SamplingParams
 
         # Prefill only: prompt_logprobs over prompt + response, one generated token that is discarded.
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False)
+        # flat_logprobs (where this vLLM has it) returns flat lists instead of one dict of Logprob
+        # objects per position: ~100k positions x 21 entries for 256 responses, mostly object overhead.
+        flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False, **flat)
         scored = [i for i, g in enumerate(generations) if g.token_ids]
         requests = [{"prompt_token_ids": (generations[i].prompt_token_ids + generations[i].token_ids)[: self.max_model_len - 1]}
                     for i in scored]
         outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         results: list[float | None] = [None] * len(generations)
         for i, output in zip(scored, outputs):
-            start = len(generations[i].prompt_token_ids)
-            positions = [p for p in output.prompt_logprobs[start:] if p]
-            if positions:
-                values = [entropy_from_top_logprobs([lp.logprob for lp in p.values()]) for p in positions]
+            values = _position_entropies(output.prompt_logprobs, len(generations[i].prompt_token_ids))
+            if values:
                 results[i] = sum(values) / len(values)
         return results
 
@@ -278,6 +279,17 @@ class VllmEngine:
         self.llm = None
         self.fingerprint = None
         gc.collect()
+
+
+def _position_entropies(prompt_logprobs, start: int) -> list[float]:
+    """Top-k entropy of each position from `start` on, from vLLM's prompt logprobs: a list of
+    {token: Logprob} dicts, or FlatLogprobs (flat lists; the scored token comes first and appears
+    again when it is in the top k, hence the de-duplication by token id, as the dicts do)."""
+    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
+        ids, logprobs = prompt_logprobs.token_ids, prompt_logprobs.logprobs
+        return [entropy_from_top_logprobs(list(dict(zip(ids[a:b], logprobs[a:b])).values()))
+                for a, b in zip(prompt_logprobs.start_indices[start:], prompt_logprobs.end_indices[start:]) if b > a]
+    return [entropy_from_top_logprobs([lp.logprob for lp in p.values()]) for p in prompt_logprobs[start:] if p]
 
 
 def _finish(reason: str | None) -> str:

@@ -43,7 +43,8 @@ def test_a_model_directory_without_safetensors_is_one_clear_error(tmp_path, tiny
 
 
 def test_model_loads_in_float32_training_mode_with_gradient_checkpointing(tiny_model_dir):
-    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", "training.device=cpu"])
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", "training.device=cpu",
+                                "training.gradient_checkpointing=true"])
     model = load_model(config, torch.device("cpu"))
     assert model.training and next(model.parameters()).dtype == torch.float32
     assert model.is_gradient_checkpointing

@@ -118,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     # ---- train
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     while state.step < total_steps and not stop.requested:
-        micro_batches = build_micro_batches(examples, stream.take(examples_per_step), t.batch_size, t.packing, pad_id)
+        micro_batches = build_micro_batches(examples, stream.take(examples_per_step), t.batch_size, t.packing, pad_id,
+                                            t.max_tokens_per_micro_batch)
         try:
             result = train_step(model, micro_batches, optimizer, scheduler, t.max_grad_norm, setup.device,
                                 setup.autocast_dtype)
         except torch.OutOfMemoryError:
-            logger.error("out of GPU memory at step %d; lower training.batch_size and raise "
-                         "training.gradient_accumulation_steps (same effective batch), then resume", state.step + 1)
+            logger.error("out of GPU memory at step %d; lower training.max_tokens_per_micro_batch (same effective "
+                         "batch) or set training.gradient_checkpointing=true, then resume", state.step + 1)
             out_of_memory = True
             break
         state.step += 1

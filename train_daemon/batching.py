@@ -40,6 +40,10 @@ class MicroBatch:
     target_index: torch.Tensor  # flat positions (into rows * length) whose next token is a response token
     target_ids: torch.Tensor  # the token to predict at each of those positions
     num_tokens: int  # non-pad tokens (throughput, tokens seen)
+    # packed: cumulative example lengths [0, n1, n1+n2, ...] (int32) and the longest example, for
+    # padding-free attention kernels (train_daemon.attention); None when padded
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int = 0
 
     @property
     def num_target_tokens(self) -> int:
@@ -50,7 +54,8 @@ class MicroBatch:
             return None if tensor is None else tensor.to(device, non_blocking=True)
 
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
-                          move(self.target_index), move(self.target_ids), self.num_tokens)
+                          move(self.target_index), move(self.target_ids), self.num_tokens,
+                          move(self.cu_seq_lens), self.max_length)
 
 
 # ---- tokenization --------------------------------------------------------------------------------
@@ -130,7 +135,11 @@ def packed_micro_batch(examples: list[TokenizedExample]) -> MicroBatch:
         input_ids.extend(example.input_ids)
         position_ids.extend(range(len(example.input_ids)))
         targets.extend(shifted_targets(example.labels))
-    return _micro_batch([input_ids], [targets], position_ids=torch.tensor([position_ids]), attention_mask=None)
+    batch = _micro_batch([input_ids], [targets], position_ids=torch.tensor([position_ids]), attention_mask=None)
+    lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.int32)
+    batch.cu_seq_lens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    batch.max_length = int(lengths.max())
+    return batch
 
 
 def padded_micro_batch(examples: list[TokenizedExample], pad_token_id: int) -> MicroBatch:
@@ -155,10 +164,19 @@ def _micro_batch(input_ids, targets, position_ids, attention_mask) -> MicroBatch
 
 
 def build_micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int,
-                        packing: bool, pad_token_id: int) -> list[MicroBatch]:
-    """Split the examples of one optimizer step into micro-batches of micro_batch_size examples."""
-    batches = []
-    for start in range(0, len(indices), micro_batch_size):
-        chosen = [examples[i] for i in indices[start:start + micro_batch_size]]
-        batches.append(packed_micro_batch(chosen) if packing else padded_micro_batch(chosen, pad_token_id))
-    return batches
+                        packing: bool, pad_token_id: int, max_tokens: int = 0) -> list[MicroBatch]:
+    """Split the examples of one optimizer step, in order, into micro-batches of at most
+    micro_batch_size examples and (packed, max_tokens > 0) at most max_tokens tokens; an example
+    longer than max_tokens goes alone. The split changes peak memory, not the step's gradient."""
+    groups, group, group_tokens = [], [], 0
+    for i in indices:
+        length = len(examples[i].input_ids)
+        over_budget = packing and max_tokens > 0 and group_tokens + length > max_tokens
+        if group and (len(group) == micro_batch_size or over_budget):
+            groups.append(group)
+            group, group_tokens = [], 0
+        group.append(examples[i])
+        group_tokens += length
+    if group:
+        groups.append(group)
+    return [packed_micro_batch(g) if packing else padded_micro_batch(g, pad_token_id) for g in groups]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from train_daemon.attention import packed_attention_kwargs
 from train_daemon.batching import MicroBatch
 from train_daemon.loss import response_loss_sum
 
@@ -37,7 +38,8 @@ def forward_backward(model, micro_batch: MicroBatch, step_target_tokens: int,
         # use_cache=False matters: with a cache transformers ignores position_ids when building the
         # attention mask, and packed examples would attend to each other.
         hidden = model.model(input_ids=micro_batch.input_ids, attention_mask=micro_batch.attention_mask,
-                             position_ids=micro_batch.position_ids, use_cache=False).last_hidden_state
+                             position_ids=micro_batch.position_ids, use_cache=False,
+                             **packed_attention_kwargs(model, micro_batch)).last_hidden_state
         loss_sum = response_loss_sum(hidden, model.lm_head, micro_batch.target_index, micro_batch.target_ids)
     (loss_sum / step_target_tokens).backward()
     return loss_sum.detach(), micro_batch.num_target_tokens

@@ -1,0 +1,270 @@
+"""Full evaluation with the eval daemon's own loop, warm engine: publication -> committed record.
+
+One process, the real pieces of `bin/eval`: the daemon loop (eval_daemon.__main__.serve: watchdog
+observer, manifest scan, evaluate_checkpoint: weight reload, generate, grade, entropy subsample,
+files, DuckDB commit, marker) runs in the main thread; a second thread publishes a checkpoint with
+common.checkpoints.publish_checkpoint (as the trainer does) and waits until the store has its
+record. Before that, on the same engine and prompts: the engine's cold start, weight reloads into
+the live engine, and one bare `generate` call (the overhead baseline).
+
+Response lengths are forced (random weights never emit `</answer>` or EOS): each response gets
+exactly as many tokens as the problem's reference SFT response (` {solution} </think> <answer>
+{answer} </answer>` + EOS, real tokenizer), with vLLM's min_tokens = max_tokens = L, ignore_eos.
+
+    python bench/eval_full.py --model DIR --test-source .dev/bench/math_test.jsonl     # GPU, all 5,000
+    python bench/eval_full.py --device cpu --num-prompts 16                           # CPU smoke run, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ID = "bench"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model directory (default: build the tiny test model)")
+    parser.add_argument("--test-source", help="MATH test JSONL / directory (default: the demo problems)")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--num-prompts", type=int, default=0, help="0: the whole test set")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", args.device.split(":")[1] if ":" in args.device else "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    from common.config import load_config
+    from common.grading import Grader
+    from common.store import connect_read_only, eval_key
+    from eval_daemon.__main__ import Context, serve
+    from eval_daemon.engines import Sampling
+    from eval_daemon.evaluate import load_eval_set
+    from eval_daemon.records import Trackers
+    from eval_daemon.shutdown import StopSignal
+
+    workdir = Path(tempfile.mkdtemp(prefix="eval_full-"))
+    results = workdir / "results"
+    model = Path(args.model) if args.model else _tiny_model(workdir)
+    test_source = args.test_source or _demo_test_set(workdir, max(args.num_prompts, 16))
+    config = load_config(None, [
+        "evaluation.engine=vllm", f"evaluation.device={'cuda:0' if on_gpu else 'cpu'}",
+        f"evaluation.test_source={test_source}", f"evaluation.num_eval_samples={args.num_prompts}",
+        f"evaluation.store_path={results}/results.duckdb", f"evaluation.logs_dir={results}/eval_logs",
+        f"evaluation.analysis_dir={results}/analysis", f"evaluation.checkpoints_dir={results}/checkpoints",
+        f"evaluation.max_model_len={args.max_model_len}", f"evaluation.max_tokens={min(1024, args.max_model_len - 1)}",
+        f"evaluation.gpu_memory_utilization={args.gpu_memory_utilization}",
+        f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}", f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
+        "logging.wandb=false", "logging.progress_bar=false"])
+    e = config.evaluation
+    eval_set = load_eval_set(e, config.data.prompt_template)
+    sampling = Sampling(e.temperature, e.top_p, e.max_tokens, tuple(e.stop), e.seed)
+    engine = ForcedLengthEngine(eval_set, model, args.max_model_len, "cuda:0" if on_gpu else "cpu", config.model.dtype,
+                                e.gpu_memory_utilization, e.seed)
+    rows: dict[str, float] = {}
+    first = _publish(results / "checkpoints", 0, model)  # what the engine starts on
+    second = first.parent / "step_000000_copy"  # a second model directory: same files, another path
+    shutil.copytree(first, second, copy_function=os.link)
+    try:
+        # ---- engine: cold start, weight reloads into the live engine
+        started = time.perf_counter()
+        engine.load(str(first))
+        rows["cold_start_s"] = time.perf_counter() - started
+        engine.generate(eval_set.prompts[:8], sampling, False)  # first-call kernels, untimed
+        reloads = []
+        for index in range(args.reloads):
+            started = time.perf_counter()
+            engine.load(str(second if index % 2 == 0 else first))
+            assert engine.last_load["kind"] == "reload", engine.last_load
+            reloads.append(time.perf_counter() - started)
+        rows["reload_s"] = statistics.median(reloads)
+
+        # ---- the overhead baseline: one bare generate of the same prompts
+        started = time.perf_counter()
+        generations = engine.generate(eval_set.prompts, sampling, False)
+        rows["bare_generate_s"] = time.perf_counter() - started
+        rows["generated_tokens"] = sum(g.num_tokens for g in generations)
+
+        # ---- the daemon loop; a trainer-like thread publishes step 1 and waits for its record
+        with Grader(workers=e.grading_workers) as grader:
+            grader.start()
+            stop = StopSignal()
+            ctx = Context(config=config, device="cuda:0" if on_gpu else "cpu", eval_set=eval_set, sampling=sampling,
+                          eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
+                          worker_id="bench", engine=engine, grader=grader, stop=stop,
+                          trackers=Trackers(config, "bench", None))
+            # Step 0 (already published) is evaluated first, like a daemon that starts on a run;
+            # the timed publication comes after it, with the engine warm.
+            timing: dict[str, float] = {}
+            publisher = threading.Thread(target=_publish_and_wait, args=(results / "checkpoints", model, ctx, timing),
+                                         daemon=True)
+            publisher.start()
+            serve(ctx, once=False)
+            publisher.join()
+        rows.update(timing)
+        with connect_read_only(e.store_path) as con:
+            for step in (1, 2):
+                total, generation, grading = con.execute(
+                    "select total_seconds, generation_seconds, grading_seconds from evaluations where step = ?",
+                    [step]).fetchone()
+                rows[f"daemon_evaluation_s_{step}"], rows[f"daemon_generation_s_{step}"] = total, generation
+                rows[f"daemon_grading_s_{step}"] = grading
+    finally:
+        engine.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_table(args, len(eval_set.prompts), rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"num_prompts": len(eval_set.prompts), **rows}, indent=1, default=str))
+
+
+def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict) -> None:
+    """Trainer side: wait for step 0's record, then publish step 1 (the daemon as configured) and
+    step 2 (entropy subsample switched off: the overhead floor), each timed until its record is
+    committed. Completion is the daemon's marker file, written right after the store commit
+    (common.checkpoints): DuckDB refuses a second, read-only connection from the writing process."""
+    try:
+        _wait_marker(checkpoints / RUN_ID, 0)
+        for step in (1, 2):
+            if step == 2:
+                ctx.eval_set.entropy_indices = []
+            time.sleep(1.0)  # let the daemon go idle on its watcher
+            started = time.perf_counter()
+            _publish(checkpoints, step, model)
+            published = time.perf_counter()
+            timing[f"publish_s_{step}"] = published - started
+            _wait_marker(checkpoints / RUN_ID, step)
+            timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
+    finally:
+        ctx.stop.requested = True  # the serve loop polls this flag every 0.5 s
+
+
+def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:
+    from common.checkpoints import is_evaluated
+
+    deadline = time.monotonic() + timeout_s
+    while not is_evaluated(run_dir, step):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {step} was not recorded within {timeout_s} s")
+        time.sleep(0.1)  # coarse on purpose: the engine runs in this process and shares its GIL
+
+
+def _publish(checkpoints: Path, step: int, model: Path) -> Path:
+    """A trainer-style publication of `model` (hard links: the bytes are the same, the paths are new)."""
+    from common.checkpoints import publish_checkpoint
+
+    def write_model(directory: Path) -> None:
+        for file in model.iterdir():
+            if file.is_file():
+                _link_or_copy(file, directory / file.name)
+
+    return publish_checkpoint(checkpoints / RUN_ID, RUN_ID, step, write_model, {"run_id": RUN_ID, "step": step},
+                              {"train_loss": None})
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem
+        shutil.copy2(source, target)
+
+
+class ForcedLengthEngine:
+    """The daemon's VllmEngine with each response forced to its reference solution's token length."""
+
+    def __new__(cls, eval_set, model: Path, max_model_len: int, device: str, dtype: str, memory: float, seed: int):
+        from transformers import AutoTokenizer
+
+        from common.data import build_sft_response
+        from eval_daemon.engines import VllmEngine
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+        prompt_lengths = [len(ids) for ids in tokenizer(eval_set.prompts, add_special_tokens=False)["input_ids"]]
+        responses = tokenizer([build_sft_response(x) for x in eval_set.examples], add_special_tokens=False)["input_ids"]
+        # +1 for EOS; capped so that prompt + response fits max_model_len
+        lengths = {prompt: max(1, min(len(ids) + 1, max_model_len - n - 1))
+                   for prompt, ids, n in zip(eval_set.prompts, responses, prompt_lengths)}
+        fits = {prompt: n < max_model_len for prompt, n in zip(eval_set.prompts, prompt_lengths)}
+
+        class _Engine(VllmEngine):
+            def generate(self, prompts, sampling, progress):
+                import vllm
+
+                original = vllm.SamplingParams
+
+                def per_prompt(**kwargs):  # VllmEngine.generate builds one SamplingParams; we need one per prompt
+                    kwargs.pop("stop", None)
+                    return [original(**{**kwargs, "max_tokens": lengths[p], "min_tokens": lengths[p]}, ignore_eos=True)
+                            for p in fitting]
+
+                fitting = [p for p in prompts if fits[p]]  # the prompts VllmEngine.generate submits
+                vllm.SamplingParams = per_prompt
+                try:
+                    return super().generate(prompts, sampling, progress)
+                finally:
+                    vllm.SamplingParams = original
+
+        return _Engine(device, dtype, memory, max_model_len, seed, tokenizer_fallback=str(model))
+
+
+def print_table(args: argparse.Namespace, num_prompts: int, rows: dict) -> None:
+    tokens = rows["generated_tokens"]
+    bare = rows["bare_generate_s"]
+    lines = [
+        ("vLLM cold start (first engine of the process)", f"{rows['cold_start_s']:.2f} s"),
+        (f"load a new checkpoint into the live engine (median of {args.reloads})", f"{rows['reload_s']:.2f} s"),
+        ("reload / cold start (target <= 0.10)", f"{rows['reload_s'] / rows['cold_start_s']:.3f}"),
+        (f"bare generate, {num_prompts} prompts, forced lengths", f"{bare:.2f} s "
+         f"({tokens} tokens, {tokens / bare:.0f} tokens/s)"),
+    ]
+    for step, label in ((1, "daemon as configured"), (2, "entropy subsample off")):
+        lines += [
+            (f"step {step} ({label}): publication -> committed record (target <= 55 s)",
+             f"{rows[f'publication_to_record_s_{step}']:.2f} s"),
+            ("  daemon evaluation (reload+generate+grade+entropy+files+commit)", f"{rows[f'daemon_evaluation_s_{step}']:.2f} s"),
+            ("  of which generation / grading", f"{rows[f'daemon_generation_s_{step}']:.2f} s / "
+                                                f"{rows[f'daemon_grading_s_{step}']:.2f} s"),
+            ("  daemon evaluation / bare generate (target <= 1.10)", f"{rows[f'daemon_evaluation_s_{step}'] / bare:.3f}"),
+            ("  publication -> record / bare generate", f"{rows[f'publication_to_record_s_{step}'] / bare:.3f}"),
+        ]
+    width = max(len(name) for name, _ in lines)
+    print(f"\neval_full: {args.model or 'tiny model'} on {args.device}")
+    for name, value in lines:
+        print(f"{name.ljust(width)}  {value}")
+
+
+def _tiny_model(workdir: Path) -> Path:
+    from common.tiny_model import build_tiny_model
+
+    return Path(build_tiny_model(workdir / "tiny"))
+
+
+def _demo_test_set(workdir: Path, count: int) -> str:
+    from common.demo_data import write_demo_dataset
+
+    return str(write_demo_dataset(workdir / "demo_math", train=1, test=count))
+
+
+if __name__ == "__main__":
+    main()
