@@ -64,3 +64,15 @@ def test_every_yaml_in_config_dir_is_valid():
     for path in Path("config").glob("*.yaml"):
         load_config(path)
         assert path.read_text().startswith("#"), f"{path} must start with a comment showing its command"
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+    from pathlib import Path
+
+    from common.config import Config
+
+    readme = Path("README.md").read_text()
+    for section in dataclasses.fields(Config):
+        for key in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(Config(), section.name)):
+            assert f"`{section.name}.{key.name}`" in readme, f"README's configuration reference lacks {section.name}.{key.name}"

@@ -1,0 +1,1 @@
+"""bin/demo: the whole product (trainer + eval daemon + store + plots) on CPU with a tiny model."""
