@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 from common.checkpoints import ManifestError, read_manifest
 from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config
 from common.store import StoreError, StoreMissingError, connect_read_only
-from demo.follow import LineFollower, loss_line, shown
+from demo.follow import Progress
 from demo.inputs import DemoInputs, ensure_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,16 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     # ---- evaluated; then stop the eval daemon (SIGTERM: its normal shutdown)
     # Progress bars off: the daemons write to log files, and the demo prints their progress lines.
     quiet = ["--config", args.config, "logging.progress_bar=false"]
+    progress = Progress(logs, Path(config.training.output_dir) / "runs" / run_id / "train_log.jsonl", run_id,
+                        config.training.max_steps)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM takes Ctrl-C's path
     daemons: list[subprocess.Popen] = []
     try:
-        train = start(["bin/train", *quiet, *args.overrides, f"training.run_id={run_id}"], logs / f"train-{run_id}.log",
+        train = start(["bin/train", *quiet, *args.overrides, f"training.run_id={run_id}"], progress.logs["train"],
                       threads)
         daemons.append(train)
-        evaluator = start(["bin/eval", *quiet, *args.overrides], logs / f"eval-{run_id}.log", threads)
+        evaluator = start(["bin/eval", *quiet, *args.overrides], progress.logs["eval"], threads)
         daemons.append(evaluator)
-        rows = follow(config, run_id, train, evaluator)
+        rows = follow(config, run_id, train, evaluator, progress)
         stop(evaluator, "eval")
+        progress.print_new()  # the last result line may follow the store commit that ended follow()
         if evaluator.returncode != 0:  # every result is already in the store; the shutdown itself failed
             say(f"WARNING: bin/eval exited with code {evaluator.returncode} on SIGTERM; see {logs}/eval-{run_id}.log")
     except KeyboardInterrupt:
@@ -203,41 +205,26 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def follow(config: Config, run_id: str, train: subprocess.Popen, evaluator: subprocess.Popen) -> dict[int, tuple]:
+def follow(config: Config, run_id: str, train: subprocess.Popen, evaluator: subprocess.Popen,
+           progress: Progress) -> dict[int, tuple]:
     """Print progress until training finished and every step in the manifest has a store record;
     returns {step: (status, format_accuracy, accuracy, error)}. Raises DemoFailed when a daemon dies."""
-    output = Path(config.training.output_dir)
-    logs = output / "logs"
-    followers = {"train": LineFollower(logs / f"train-{run_id}.log"), "eval": LineFollower(logs / f"eval-{run_id}.log")}
-    metrics = LineFollower(output / "runs" / run_id / "train_log.jsonl")
     run_dir = Path(config.evaluation.checkpoints_dir) / run_id
     last_activity = last_store_read = time.monotonic()
-    trained, rows = False, {}
-    width = shutil.get_terminal_size((150, 24)).columns - 8  # minus the "[train] " prefix
+    trained = False
     while True:
-        new_result = False
-        for name, follower in followers.items():
-            for line in follower.new_lines():
-                last_activity = time.monotonic()
-                text = shown(line, width)
-                if text is not None:
-                    print(f"[{name:5}] {text}", flush=True)
-                    new_result |= name == "eval" and ": accuracy" in text
-        for record in metrics.new_lines():
+        active, new_result = progress.print_new()
+        if active:
             last_activity = time.monotonic()
-            text = loss_line(record, config.training.max_steps)
-            if text is not None:
-                print(f"[train] {text}", flush=True)
-
         if not trained and train.poll() is not None:
             if train.returncode != 0:
-                raise DemoFailed(f"bin/train exited with code {train.returncode}: {last_line(followers['train'].path)} "
-                                 f"(full log: {followers['train'].path})")
+                raise DemoFailed(f"bin/train exited with code {train.returncode}: {last_line(progress.logs['train'])} "
+                                 f"(full log: {progress.logs['train']})")
             trained = True
         if evaluator.poll() is not None:
             hint = "; bin/demo evaluation.engine=hf runs without vLLM" if config.evaluation.engine == "vllm" else ""
             raise DemoFailed(f"bin/eval exited with code {evaluator.returncode} before evaluating every checkpoint: "
-                             f"{last_line(followers['eval'].path)} (full log: {followers['eval'].path}){hint}")
+                             f"{last_line(progress.logs['eval'])} (full log: {progress.logs['eval']}){hint}")
         if trained and (new_result or time.monotonic() - last_store_read > STORE_POLL_S):
             last_store_read = time.monotonic()
             rows = recorded(Path(config.evaluation.store_path), run_id)
@@ -245,7 +232,8 @@ def follow(config: Config, run_id: str, train: subprocess.Popen, evaluator: subp
             if steps and set(steps) <= set(rows):
                 return {step: rows[step] for step in steps}
         if time.monotonic() - last_activity > STALL_TIMEOUT_S:
-            raise DemoFailed(f"no progress from either daemon for {STALL_TIMEOUT_S:.0f} s; see {logs}/")
+            raise DemoFailed(f"no progress from either daemon for {STALL_TIMEOUT_S:.0f} s; "
+                             f"see {progress.logs['train'].parent}/")
         time.sleep(POLL_S)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 # The daemons' log format (logging.basicConfig in their entry points).
@@ -71,3 +72,31 @@ def loss_line(record_text: str, total_steps: int) -> str | None:
     rate = record.get("train/learning_rate")
     text = f"step {step}/{total_steps}  loss {loss:.3f}"
     return text + (f"  lr {rate:.2e}" if isinstance(rate, (int, float)) else "")
+
+
+class Progress:
+    """Prints what is new in both daemons' logs and in the trainer's train_log.jsonl."""
+
+    def __init__(self, logs_dir: Path, train_log: Path, run_id: str, total_steps: int) -> None:
+        self.logs = {"train": logs_dir / f"train-{run_id}.log", "eval": logs_dir / f"eval-{run_id}.log"}
+        self._followers = {name: LineFollower(path) for name, path in self.logs.items()}
+        self._metrics = LineFollower(train_log)
+        self._total_steps = total_steps
+        self._width = shutil.get_terminal_size((150, 24)).columns - 8  # minus the "[train] " prefix
+
+    def print_new(self) -> tuple[bool, bool]:
+        """Print the new lines; returns (anything new at all, a new evaluation result)."""
+        active = new_result = False
+        for name, follower in self._followers.items():
+            for line in follower.new_lines():
+                active = True
+                text = shown(line, self._width)
+                if text is not None:
+                    print(f"[{name:5}] {text}", flush=True)
+                    new_result |= name == "eval" and ": accuracy" in text
+        for record in self._metrics.new_lines():
+            active = True
+            text = loss_line(record, self._total_steps)
+            if text is not None:
+                print(f"[train] {text}", flush=True)
+        return active, new_result
