@@ -1,15 +1,22 @@
 """The Hugging Face fallback engine on GPU vs a plain padded `model.generate` (generated tokens/s).
 
 Same prompts (MATH test, R1-zero prompt), same model (real Qwen2.5-Math-1.5B architecture, random
-weights, bf16), sampling at temperature 1, --max-new-tokens per response (random weights rarely
-stop early, so both sides generate about the same number of tokens; the count is measured):
+weights, bf16), sampling at temperature 1, --max-new-tokens per response (random weights almost
+never emit EOS, so every response has that length; the tokens are counted, not assumed):
 
-- `padded model.generate`: all prompts in one left-padded batch (the issue's baseline shape);
-- `HfEngine batch B`: the eval daemon's engine (eval_daemon.engines.HfEngine: length-sorted,
-  left-padded batches of B prompts, stop strings), for each B in --engine-batches.
+- `padded model.generate, 128 prompts`: the issue's baseline shape, one left-padded batch of the
+  first 128 prompts, after an untimed warm-up call (CUDA context, cuBLAS, kernels);
+- `HfEngine fixed batches B`: eval_daemon.hf_engine.HfEngine, length-sorted left-padded batches
+  of B prompts with stop strings, over all --num-prompts prompts, for each B in --engine-batches;
+- `HfEngine static cache, batches of B`: the same engine with static_cache=True (preallocated KV
+  cache, transformers compiles the decoding step with CUDA graphs), for each B in --static-batches,
+  run twice: the first run includes the compilation, the second reuses it.
+
+Rows print as they finish, so a run cut short by a timeout still reports what it measured.
 
     python bench/hf_generate.py --model DIR --test-source .dev/bench/math_test.jsonl    # GPU
-    python bench/hf_generate.py --device cpu --num-prompts 8 --max-new-tokens 8         # CPU smoke run, tiny model
+    python bench/hf_generate.py --device cpu --num-prompts 8 --baseline-prompts 4 --max-new-tokens 8 \
+        --engine-batches 4 --static-batches 4                                           # CPU smoke run
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import build_prompt, load_math, load_prompt_template  # noqa: E402
-from eval_daemon.engines import HfEngine, Sampling  # noqa: E402
+from eval_daemon.engines import Sampling  # noqa: E402
+from eval_daemon.hf_engine import HfEngine  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,9 +41,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="HF model directory (default: build the tiny test model)")
     parser.add_argument("--test-source", help="MATH test JSONL / directory (default: the demo problems)")
     parser.add_argument("--device", default="cuda:0")
-    parser.add_argument("--num-prompts", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--engine-batches", default="16,128", help="HfEngine batch sizes to measure")
+    parser.add_argument("--num-prompts", type=int, default=1024, help="prompts for the engine variants")
+    parser.add_argument("--baseline-prompts", type=int, default=128, help="prompts in the padded baseline batch")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--engine-batches", default="512", help="fixed batch sizes to measure ('' for none)")
+    parser.add_argument("--static-batches", default="512", help="static-cache batch sizes to measure ('' for none)")
     return parser.parse_args()
 
 
@@ -48,23 +58,35 @@ def main() -> None:
     prompts = [build_prompt(template, e.problem) for e in load_math(source, "test")[: args.num_prompts]]
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens, stop=("</answer>",), seed=0)
-    rows = []
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"hf_generate: {len(prompts)} prompts (baseline: the first {args.baseline_prompts}), "
+          f"max_new_tokens {args.max_new_tokens}, {dtype} on {card}", flush=True)
+    print(f"{'what':<42} {'seconds':>8} {'tokens':>8} {'tokens/s':>9} {'vs baseline':>11}", flush=True)
 
     engine = HfEngine(args.device, dtype, batch_size=len(prompts), max_model_len=4096, seed=0,
                       tokenizer_fallback=str(model_dir))
     engine.load(str(model_dir))
-    rows.append(("padded model.generate, one batch", *_timed(lambda: _padded_generate(engine, prompts, args), args)))
-    for batch in [int(b) for b in args.engine_batches.split(",")]:
+    baseline_prompts = prompts[: args.baseline_prompts]
+    _padded_generate(engine, baseline_prompts[:8], args.device, max_new_tokens=8)  # warm-up, untimed
+    base = _report(f"padded model.generate, {len(baseline_prompts)} prompts",
+                   lambda: _padded_generate(engine, baseline_prompts, args.device, args.max_new_tokens), args, None)
+    for batch in [int(b) for b in args.engine_batches.split(",") if b]:
         engine.batch_size = batch
-        rows.append((f"HfEngine batch {batch}", *_timed(lambda: engine.generate(prompts, sampling, False), args)))
+        _report(f"HfEngine fixed batches of {batch}", lambda: engine.generate(prompts, sampling, False), args, base)
+    engine.static_cache = True
+    for batch in [int(b) for b in args.static_batches.split(",") if b]:
+        engine.batch_size = batch
+        for attempt in ("compiling", "compiled"):
+            _report(f"HfEngine static cache, {batch}, {attempt}", lambda: engine.generate(prompts, sampling, False),
+                    args, base)
     engine.close()
 
-    base = rows[0][2]
-    print(f"\nhf_generate: {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, {dtype} on "
-          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
-    print(f"{'what':<36} {'seconds':>8} {'tokens':>8} {'tokens/s':>9} {'vs baseline':>11}")
-    for name, seconds, tokens_per_second, tokens in rows:
-        print(f"{name:<36} {seconds:>8.2f} {tokens:>8} {tokens_per_second:>9.0f} {tokens_per_second / base:>10.2f}x")
+
+def _report(name: str, generate, args, base: float | None) -> float:
+    seconds, tokens_per_second, tokens = _timed(generate, args)
+    ratio = tokens_per_second / base if base else 1.0
+    print(f"{name:<42} {seconds:>8.2f} {tokens:>8} {tokens_per_second:>9.0f} {ratio:>10.2f}x", flush=True)
+    return tokens_per_second
 
 
 def _timed(generate, args) -> tuple[float, float, int]:
@@ -77,14 +99,14 @@ def _timed(generate, args) -> tuple[float, float, int]:
     return seconds, tokens / seconds, tokens
 
 
-def _padded_generate(engine: HfEngine, prompts: list[str], args) -> list[int]:
+def _padded_generate(engine: HfEngine, prompts: list[str], device: str, max_new_tokens: int) -> list[int]:
     """The baseline: every prompt in one left-padded batch, plain model.generate (new tokens per row)."""
     tokenizer = engine.tokenizer
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     torch.manual_seed(0)
     with torch.inference_mode():
         output = engine.model.generate(**encoded, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                       max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                       max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     new = output[:, encoded["input_ids"].shape[1]:]
     return [int((row != tokenizer.pad_token_id).sum()) for row in new]
 

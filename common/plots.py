@@ -6,7 +6,8 @@
 
 One line (or panel) per run; a run evaluated with two eval configs gets one per config. Safe while
 the eval daemon writes: the store is read once, read-only, and released before drawing.
-Exit codes: 0 ok, 2 no store / unknown run, 1 nothing to plot yet or store busy too long.
+Exit codes: 0 ok, 2 no store / unknown run, 1 nothing to plot yet, store busy too long, or stdout
+closed before everything was printed (`bin/plot --summary | head -1`: no traceback, no message).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
-from common.query import DEFAULT_DB, REPO_ROOT, format_table  # noqa: E402
+from common.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, REPO_ROOT, format_table, print_stdout  # noqa: E402
 from common.store import (FORMAT_FAILURE_TYPES, StoreBusyError, StoreError, connect_read_only,  # noqa: E402
                           one_line_error)
 
@@ -328,15 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"evaluation", file=sys.stderr)
         return 1
     if args.summary:
-        print(summary_text(series))
-        return 0
+        return 0 if print_stdout(summary_text(series)) else BROKEN_PIPE_EXIT_CODE
     try:
         paths = save_charts(series, args.out)
     except PlotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for path in paths:
-        print(path)
+    if paths and not print_stdout("\n".join(str(path) for path in paths)):
+        return BROKEN_PIPE_EXIT_CODE
     return 0
 
 

@@ -7,7 +7,8 @@
 
 Safe while the eval daemon writes: the store is opened read-only, and a busy file is retried
 (common.store), so a query waits at most a moment and sees whole evaluations only.
-Exit codes: 0 ok, 2 bad SQL / refused statement / no store / unknown view, 1 store busy too long.
+Exit codes: 0 ok, 2 bad SQL / refused statement / no store / unknown view, 1 store busy too long
+or stdout closed before everything was printed (`bin/query ... | head -1`: no traceback, no message).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO_ROOT / "results" / "results.duckdb"
 USAGE_ERROR_EXIT_CODE = 2
 BUSY_EXIT_CODE = 1
+BROKEN_PIPE_EXIT_CODE = 1  # the reader closed stdout early (`| head`); the output is cut short
 
 # Statement types that cannot change the store; everything else is refused before it runs.
 READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA,
@@ -149,6 +151,20 @@ def format_json(columns: Sequence[str], rows: Sequence[tuple]) -> str:
     return json.dumps([{name: _plain(value) for name, value in zip(columns, row)} for row in rows], indent=1)
 
 
+def print_stdout(text: str) -> bool:
+    """Print text to stdout; False when the reader closed the pipe early (`bin/query ... | head -1`).
+
+    Flushed here, so a closed pipe is caught here and not at interpreter exit ("Exception ignored
+    ... BrokenPipeError"); then stdout points at /dev/null, so the final flush at exit is quiet too.
+    Shared by bin/query and bin/plot."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
 def list_views() -> str:
     width = max(len(name) for name in VIEWS)
     return "\n".join(f"{name.ljust(width)}  {description}" for name, (description, _) in VIEWS.items())
@@ -174,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="bin/query: %(message)s")
     args = parse_args(argv)
     if args.list:
-        print(list_views())
-        return 0
+        return 0 if print_stdout(list_views()) else BROKEN_PIPE_EXIT_CODE
     try:
         columns, rows = run_query(args.db, resolve_sql(args.sql))
     except StoreBusyError as exc:
@@ -187,11 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if columns:
         formatters = {"table": lambda: format_table(columns, rows, args.max_width),
                       "csv": lambda: format_csv(columns, rows), "json": lambda: format_json(columns, rows)}
-        try:
-            print(formatters[args.format]())
-        except BrokenPipeError:
-            # `bin/query ... | head` closed the pipe early; that is not an error.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not print_stdout(formatters[args.format]()):
+            return BROKEN_PIPE_EXIT_CODE
     return 0
 
 

@@ -7,8 +7,8 @@
   for the tiny model on CPU), then the prefix cache is reset so that no KV computed with the old
   weights is reused. When the architecture or the tokenizer differ, or the reload fails, the
   engine is restarted (logged).
-- HfEngine runs `model.generate` in length-sorted, left-padded batches: the fallback for CPU or
-  machines without vLLM, much slower (a WARNING says so at start-up).
+- HfEngine (eval_daemon/hf_engine.py) generates with transformers: the fallback for CPU or
+  machines without vLLM, slower (a WARNING says so at start-up).
 
 Both load safetensors weights only and never run remote code. Both score token entropy on a
 subsample with the model they already hold (eval_daemon/entropy.py says how).
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs, mean_entropy_from_logits
+from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -315,144 +315,6 @@ def _warn_too_long(count: int, max_model_len: int) -> None:
                        "incomplete generations (raise evaluation.max_model_len to evaluate them)", count, max_model_len)
 
 
-# ---- Hugging Face transformers -------------------------------------------------------------------
-
-
-class HfEngine:
-    name = "hf"
-    entropy_method = "hf_forward_full_vocab"
-
-    def __init__(self, device: str, dtype: str, batch_size: int, max_model_len: int, seed: int,
-                 tokenizer_fallback: str) -> None:
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.max_model_len = max_model_len
-        self.seed = seed
-        self.tokenizer_fallback = tokenizer_fallback
-        self.model = None
-        self.tokenizer = None
-        self.last_load: dict = {}
-
-    def load(self, model_path: str) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        check_model_dir(model_path)
-        started = time.perf_counter()
-        self.close()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=getattr(torch, self.dtype), use_safetensors=True, trust_remote_code=False)
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path, self.tokenizer_fallback),
-                                                      trust_remote_code=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # what from_pretrained raises for bad files
-            raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
-        tokenizer.padding_side = "left"  # generation continues from the right end of every row
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
-        logger.info("loaded %s with transformers on %s in %.1f s", model_path, self.device, self.last_load["seconds"])
-
-    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
-        import torch
-        from tqdm import tqdm
-
-        prompt_ids = [self.tokenizer.encode(p) for p in prompts]
-        results = [empty_generation(ids) for ids in prompt_ids]
-        fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
-        _warn_too_long(len(prompts) - len(fits), self.max_model_len)
-        order = sorted(fits, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: less padding
-        torch.manual_seed(sampling.seed)
-        with tqdm(total=len(order), desc="generating (hf)", unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                for i, generation in zip(batch, self._generate_batch([prompt_ids[i] for i in batch], sampling)):
-                    results[i] = generation
-                bar.update(len(batch))
-        return results
-
-    def _generate_batch(self, batch_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
-        import torch
-        from transformers import GenerationConfig
-
-        encoded = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
-        eos_ids = self._eos_ids()
-        # Sampling as in vLLM: no top-k (transformers would default it to 50), no repetition penalty.
-        sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} \
-            if sampling.temperature > 0 else {"do_sample": False}
-        config = GenerationConfig(max_new_tokens=sampling.max_tokens, repetition_penalty=1.0, **sample,
-                                  stop_strings=list(sampling.stop) or None, eos_token_id=eos_ids,
-                                  pad_token_id=self.tokenizer.pad_token_id)
-        with torch.inference_mode():
-            output = self.model.generate(**encoded, generation_config=config, tokenizer=self.tokenizer)
-        width = encoded["input_ids"].shape[1]
-        return [self._to_generation(ids, row[width:].tolist(), eos_ids, sampling.stop)
-                for ids, row in zip(batch_ids, output)]
-
-    def _to_generation(self, prompt_ids: list[int], new_ids: list[int], eos_ids: list[int],
-                       stops: tuple[str, ...]) -> Generation:
-        eos_at = next((k for k, t in enumerate(new_ids) if t in eos_ids), None)
-        before_eos = new_ids if eos_at is None else new_ids[:eos_at]
-        text = self.tokenizer.decode(before_eos, skip_special_tokens=True)
-        hits = [(text.find(s), s) for s in stops if s in text]
-        if hits:
-            # Generation stopped on the token completing the stop string; what follows is padding
-            # (pad = EOS for Qwen). Keep the stop string, drop anything the last token carried past it.
-            at, stop = min(hits)
-            return Generation(text[: at + len(stop)], before_eos, prompt_ids, "stop", len(before_eos))
-        if eos_at is not None:
-            tokens = new_ids[: eos_at + 1]
-            return Generation(text, tokens, prompt_ids, "stop", len(tokens))
-        return Generation(text, new_ids, prompt_ids, "length", len(new_ids))
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
-        import torch
-
-        results: list[float | None] = [None] * len(generations)
-        scored = [i for i, g in enumerate(generations) if g.token_ids]
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        with torch.inference_mode():
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start:start + self.batch_size]
-                sequences = [generations[i].prompt_token_ids + generations[i].token_ids for i in batch]
-                # Right padding: position ids start at 0 in every row, as during generation.
-                width = max(len(s) for s in sequences)
-                ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, sequence in enumerate(sequences):
-                    ids[row, : len(sequence)] = torch.tensor(sequence)
-                    mask[row, : len(sequence)] = 1
-                hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                for row, i in enumerate(batch):
-                    first = len(generations[i].prompt_token_ids) - 1  # this position predicts the first response token
-                    states = hidden[row, first: first + len(generations[i].token_ids)]
-                    # Chunks of positions keep the [positions, vocab] logits small for a 150k vocabulary.
-                    chunks = [mean_entropy_from_logits(head(states[c:c + 256])) * len(states[c:c + 256])
-                              for c in range(0, len(states), 256)]
-                    results[i] = sum(chunks) / len(states)
-        return results
-
-    def close(self) -> None:
-        if self.model is None:
-            return
-        on_gpu = self.device.startswith("cuda")
-        self.model = None
-        gc.collect()
-        if on_gpu:
-            import torch
-
-            torch.cuda.empty_cache()
-
-
 def make_engine(config, device: str) -> GenerationEngine:
     """The configured engine (no model loaded yet: the first checkpoint loads one)."""
     e = config.evaluation
@@ -460,4 +322,6 @@ def make_engine(config, device: str) -> GenerationEngine:
     tokenizer = config.model.tokenizer or config.model.name_or_path
     if e.engine == "vllm":
         return VllmEngine(device, dtype, e.gpu_memory_utilization, e.max_model_len, e.seed, tokenizer)
+    from eval_daemon.hf_engine import HfEngine  # imported here: hf_engine imports this module
+
     return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common.config import load_config
 from common.store import StoreMissingError, connect_read_only
-from demo.inputs import DemoInputs, ensure_inputs
+from common.demo_inputs import DemoInputs, ensure_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "config" / "demo.yaml")

@@ -18,10 +18,11 @@ import pytest
 from common.checkpoints import MANIFEST_NAME, marker_path, publish_checkpoint
 from common.data import load_math
 from common.grading import Grader
-from eval_daemon.engines import (CheckpointLoadError, Generation, HfEngine, Sampling, check_model_dir,
+from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, check_model_dir,
                                  model_fingerprint)
 from eval_daemon.entropy import entropy_from_top_logprobs, mean_entropy_from_logits, sample_indices
 from eval_daemon.evaluate import EvalSet, run_evaluation
+from eval_daemon.hf_engine import HfEngine
 from eval_daemon.records import commit_and_mark, write_eval_files
 from eval_daemon.schedule import Checkpoint, WarnOnce, checkpoint_from_argument, pending, scan_published
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
@@ -289,3 +290,23 @@ def test_hf_engine_stop_string_max_tokens_and_order(tiny_model_dir):
     scores = engine.token_entropies(free[:2])
     assert all(0 < s <= math.log(435) + 0.1 for s in scores)  # a random model is near the uniform entropy
     engine.close()
+
+
+def test_hf_engine_static_cache_matches_dynamic_cache(tiny_model_dir):
+    """The static KV cache (bucketed prompt padding) gives the same greedy responses, stop strings included."""
+    dynamic = HfEngine("cpu", "float32", batch_size=3, max_model_len=512, seed=0, tokenizer_fallback="")
+    dynamic.load(str(tiny_model_dir))
+    static = HfEngine("cpu", "float32", batch_size=3, max_model_len=512, seed=0, tokenizer_fallback="", static_cache=True)
+    static.load(str(tiny_model_dir))
+    prompts = ["What is $2+3$? <think>", "hello", "The answer is <answer> 5", "x", "a much longer prompt " * 5]
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, stop=(), seed=0)
+    reference = dynamic.generate(prompts, greedy, progress=False)
+    assert [g.token_ids for g in static.generate(prompts, greedy, progress=False)] == [g.token_ids for g in reference]
+    text = reference[0].text  # a stop string from the middle of the first response
+    stop = next(text[k:k + 2] for k in range(2, len(text) - 2) if text[k:k + 2].strip() and text.find(text[k:k + 2]) == k)
+    stopping = Sampling(0.0, 1.0, 16, (stop,), 0)
+    expected, got = dynamic.generate(prompts, stopping, progress=False), static.generate(prompts, stopping, progress=False)
+    assert got[0].finish_reason == "stop" and got[0].text == text[: text.find(stop) + len(stop)]
+    assert [(g.text, g.token_ids, g.finish_reason) for g in got] == [(g.text, g.token_ids, g.finish_reason) for g in expected]
+    dynamic.close()
+    static.close()

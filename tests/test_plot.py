@@ -167,6 +167,20 @@ def test_summary_prints_the_progression_table(filled):
         assert lines[-1] == f"({len(progress_of(filled.db_path, run))} rows)"
 
 
+def test_summary_into_a_closed_pipe_is_quiet(filled):
+    # `bin/plot --summary | head -1` when head has gone before the table is written: no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "common.plots", "--db", str(filled.db_path), "--summary"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.stderr == "" and done.returncode == 1
+
+
 def test_unknown_run_names_the_runs_there(filled, tmp_path):
     result = plot("--db", str(filled.db_path), "--run", "run_z", "--out", str(tmp_path))
     assert result.returncode == 2

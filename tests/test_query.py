@@ -95,6 +95,50 @@ def test_list_shows_every_view_with_its_description():
     assert listed == {name: description for name, (description, _) in store.VIEWS.items()}
 
 
+def query_into_head(*args: str) -> tuple[subprocess.CompletedProcess, bytes]:
+    """`python -m common.query ARGS | head -c 1`: the reader takes one byte and exits, closing the pipe
+    while the tool is still writing; returns the tool's exit code and stderr, and what head printed."""
+    tool = subprocess.Popen([sys.executable, "-m", "common.query", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
+    head = subprocess.Popen(["head", "-c", "1"], stdin=tool.stdout, stdout=subprocess.PIPE)
+    tool.stdout.close()  # only head holds the read end now: its exit closes the pipe
+    shown, _ = head.communicate(timeout=120)
+    stderr = tool.stderr.read().decode()
+    tool.stderr.close()
+    return subprocess.CompletedProcess(tool.args, tool.wait(timeout=120), stderr=stderr), shown
+
+
+def query_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """The tool's stdout is a pipe whose reader has already gone: every write fails (EPIPE), whatever
+    the size of the output and however fast the tool is."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "common.query", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO_ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_a_reader_that_closes_the_pipe_early_stops_the_output_quietly(filled):
+    # `bin/query --format csv "SELECT * FROM samples" | head -c 1`: ~1 MB of output, far more than the
+    # pipe holds, so the tool is still writing when head exits.
+    done, shown = query_into_head("--db", str(filled.db_path), "--format", "csv", "SELECT * FROM samples")
+    assert shown == b"r"  # the start of the header line, `run_id,...`
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.stderr == "" and done.returncode == 1
+
+
+@pytest.mark.parametrize("args", [["progress"], ["--format", "json", "by_subject"], ["--list"]],
+                         ids=["table", "json", "list"])
+def test_a_pipe_closed_before_the_first_write_is_quiet_too(filled, args):
+    # Short outputs fit the pipe's buffer: without an explicit flush the error would surface only at
+    # interpreter exit, as "Exception ignored ... BrokenPipeError" and exit code 120.
+    done = query_into_closed_pipe("--db", str(filled.db_path), *args)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.stderr == "" and done.returncode == 1
+
+
 # ---- refusals and errors -------------------------------------------------------------------------
 
 

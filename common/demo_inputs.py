@@ -1,11 +1,11 @@
 """The demo's inputs: the embedded dataset and the tiny model, built once, where config/demo.yaml says.
 
-Used by `bin/demo` (demo/__main__.py). The dataset (common/demo_data.py) goes to data.train_source
-in the MATH release layout; the model (common/tiny_model.py) goes to model.name_or_path, with a
-byte-level BPE tokenizer trained on the demo problems and the prompt template, so prompts and
-responses take few tokens. Each is built in a temporary directory and renamed into place, with a
-stamp of the settings that made it: an interrupted build is never mistaken for a finished one,
-and changed settings rebuild it.
+Not run on its own: used by `bin/demo` (`python -m common.demo_run`, common/demo_run.py). The
+dataset (common/demo_data.py) goes to data.train_source in the MATH release layout; the model
+(common/tiny_model.py) goes to model.name_or_path, with a byte-level BPE tokenizer trained on the
+demo problems and the prompt template, so prompts and responses take few tokens. Each is built in a
+temporary directory and renamed into place, with a stamp of the settings that made it: an
+interrupted build is never mistaken for a finished one, and changed settings rebuild it.
 """
 
 from __future__ import annotations

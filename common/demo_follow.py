@@ -1,5 +1,7 @@
 """Turn the two daemons' output into a few readable progress lines for `bin/demo`.
 
+Not run on its own: `bin/demo` (`python -m common.demo_run`) uses it.
+
 Each daemon writes everything to its own log file (results/demo/logs/); the terminal gets only
 the lines a newcomer needs: training loss every logging.log_every steps (from the trainer's
 train_log.jsonl), each published checkpoint, each evaluation result, and every WARNING or ERROR

@@ -1,5 +1,7 @@
 """bin/demo: the whole product on CPU in about 20 seconds, with nothing to download or configure.
 
+Run by `bin/demo`, which execs `python -m common.demo_run "$@"`:
+
     bin/demo                          # set up .venv when missing, then train + evaluate the tiny demo model
     bin/demo evaluation.engine=vllm   # key=value overrides go to both daemons (on top of config/demo.yaml)
     bin/demo --rebuild                # also rebuild the embedded dataset and the tiny model
@@ -31,10 +33,10 @@ from pathlib import Path
 from common.checkpoints import ManifestError, read_manifest
 from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config
 from common.store import StoreError, StoreMissingError, connect_read_only
-from demo.follow import Progress
-from demo.inputs import DemoInputs, ensure_inputs
+from common.demo_follow import Progress
+from common.demo_inputs import DemoInputs, ensure_inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # common/ -> the repository root
 DEFAULT_CONFIG = "config/demo.yaml"
 POLL_S = 0.5
 STORE_POLL_S = 3.0  # the store is also read after each evaluation result line

@@ -1,1 +1,0 @@
-"""bin/demo: the whole product (trainer + eval daemon + store + plots) on CPU with a tiny model."""
