@@ -111,7 +111,8 @@ class EvaluationConfig:
     logs_dir: str = "results/eval_logs"
     analysis_dir: str = "results/analysis"
     worker_id: str = ""  # empty: hostname-pid
-    hf_batch_size: int = 16  # prompts per model.generate call with engine: hf
+    hf_batch_size: int = 512  # prompts per model.generate call with engine: hf (halved on out-of-memory)
+    hf_static_cache: bool = True  # engine hf on a GPU: static KV cache + compiled decoding (CUDA graphs)
 
 
 @dataclass

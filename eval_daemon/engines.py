@@ -305,8 +305,11 @@ def _finish(reason: str | None) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    """The message's first line, or its first two when the first only introduces the second (ends in ':')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _warn_too_long(count: int, max_model_len: int) -> None:
@@ -324,4 +327,7 @@ def make_engine(config, device: str) -> GenerationEngine:
         return VllmEngine(device, dtype, e.gpu_memory_utilization, e.max_model_len, e.seed, tokenizer)
     from eval_daemon.hf_engine import HfEngine  # imported here: hf_engine imports this module
 
-    return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer)
+    # The static cache pays off through compiled decoding, which transformers does on GPUs only; on
+    # CPU it would only add padding.
+    return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer,
+                    static_cache=e.hf_static_cache and device.startswith("cuda"))

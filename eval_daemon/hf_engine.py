@@ -9,9 +9,10 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from pathlib import Path
 
 from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _first_line, _warn_too_long,
-                                 check_model_dir, empty_generation, tokenizer_source)
+                                 check_model_dir, empty_generation, model_fingerprint, tokenizer_source)
 from eval_daemon.entropy import mean_entropy_from_logits
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,30 @@ class HfEngine:
         self.tokenizer_fallback = tokenizer_fallback
         self.model = None
         self.tokenizer = None
+        self.fingerprint: str | None = None
         self.last_load: dict = {}
 
     def load(self, model_path: str) -> None:
+        check_model_dir(model_path)
+        fingerprint = model_fingerprint(model_path)
+        if self.model is not None and fingerprint is not None and fingerprint == self.fingerprint:
+            started = time.perf_counter()
+            try:
+                self._copy_weights_in_place(Path(model_path).expanduser())
+            except CheckpointLoadError as exc:  # the model may now hold a mix of weights: load it anew
+                logger.warning("in-place weight load of %s failed (%s); loading the model anew", model_path, exc)
+            else:
+                self.last_load = {"kind": "reload", "seconds": time.perf_counter() - started}
+                logger.info("loaded the weights of %s into the live model in %.2f s", model_path, self.last_load["seconds"])
+                return
+        self._load_model(model_path)
+        self.fingerprint = fingerprint
+
+    def _load_model(self, model_path: str) -> None:
         import torch
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_model_dir(model_path)
         started = time.perf_counter()
         self.close()
         try:
@@ -51,7 +69,9 @@ class HfEngine:
                 model_path, dtype=getattr(torch, self.dtype), use_safetensors=True, trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path, self.tokenizer_fallback),
                                                       trust_remote_code=False)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # what from_pretrained raises for bad files
+        # What from_pretrained raises for bad files; StrictDataclassError: a config.json that contradicts
+        # itself (transformers 5 validates configs with huggingface_hub's strict dataclasses).
+        except (OSError, ValueError, RuntimeError, KeyError, StrictDataclassError) as exc:
             raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
         tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if tokenizer.pad_token_id is None:
@@ -60,6 +80,38 @@ class HfEngine:
         self.tokenizer = tokenizer
         self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
         logger.info("loaded %s with transformers on %s in %.1f s", model_path, self.device, self.last_load["seconds"])
+
+    def _copy_weights_in_place(self, path: Path) -> None:
+        """Copy a checkpoint's tensors into the live model's parameters (same architecture and tokenizer).
+
+        The parameters keep their memory, so what was compiled for them (the static-cache decoding
+        step and its CUDA graphs) is reused: a new model object would be compiled again, about a
+        minute per checkpoint on a GPU.
+        """
+        import torch
+        from safetensors import SafetensorError, safe_open
+
+        targets = dict(self.model.named_parameters(remove_duplicate=False))  # tied weights under both names
+        loaded = set()
+        with torch.no_grad():
+            for file in sorted(path.glob("*.safetensors")):
+                try:
+                    with safe_open(str(file), framework="pt") as handle:
+                        for key in handle.keys():
+                            target = targets.get(key)
+                            if target is None:
+                                raise CheckpointLoadError(f"{file} holds {key}, which the live model does not have")
+                            tensor = handle.get_tensor(key)
+                            if tensor.shape != target.shape:
+                                raise CheckpointLoadError(f"{file}: {key} has shape {tuple(tensor.shape)}, "
+                                                          f"the live model {tuple(target.shape)}")
+                            target.copy_(tensor)
+                            loaded.add(id(target))
+                except (SafetensorError, OSError) as exc:
+                    raise CheckpointLoadError(f"{file} is unreadable ({exc})") from exc
+        missing = [name for name, p in self.model.named_parameters() if id(p) not in loaded]
+        if missing:
+            raise CheckpointLoadError(f"{path} has no tensor for {missing[0]} (and {len(missing) - 1} more)")
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
         import torch
@@ -71,13 +123,33 @@ class HfEngine:
         _warn_too_long(len(prompts) - len(fits), self.max_model_len)
         order = sorted(fits, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: less padding
         torch.manual_seed(sampling.seed)
+        start = 0
         with tqdm(total=len(order), desc="generating (hf)", unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), self.batch_size):
+            while start < len(order):
                 batch = order[start:start + self.batch_size]
-                for i, generation in zip(batch, self._generate_batch([prompt_ids[i] for i in batch], sampling)):
+                try:
+                    generations = self._generate_batch([prompt_ids[i] for i in batch], sampling)
+                except torch.OutOfMemoryError:
+                    self._halve_batch_size()  # then the same prompts again, in smaller batches
+                    continue
+                for i, generation in zip(batch, generations):
                     results[i] = generation
                 bar.update(len(batch))
+                start += len(batch)
         return results
+
+    def _halve_batch_size(self) -> None:
+        """After running out of GPU memory: smaller batches from now on (long prompts need more memory)."""
+        import torch
+
+        if self.batch_size == 1:
+            raise CheckpointLoadError("out of GPU memory generating one prompt at a time; lower evaluation.max_tokens "
+                                      "or use a GPU with more memory")
+        self.batch_size = max(1, self.batch_size // 2)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        logger.warning("out of GPU memory: evaluation.hf_batch_size lowered to %d for the rest of this run "
+                       "(set it lower to avoid the retry)", self.batch_size)
 
     def _generate_batch(self, batch_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
         import torch
@@ -158,6 +230,7 @@ class HfEngine:
             return
         on_gpu = self.device.startswith("cuda")
         self.model = None
+        self.fingerprint = None
         gc.collect()
         if on_gpu:
             import torch

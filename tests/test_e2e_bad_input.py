@@ -88,3 +88,19 @@ def test_model_path_that_does_not_exist_is_named(inputs, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"--checkpoint {missing}: no such model directory" in done.stderr
     assert evaluations(db) == []
+
+
+def test_model_config_that_contradicts_itself_is_named(inputs, tmp_path):
+    """A config.json that transformers refuses (3 layers declared, 2 layer types listed): one line, exit 2."""
+    import shutil
+
+    model = tmp_path / "bad_model"
+    shutil.copytree(inputs / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    done = run("train_daemon", ["--config", DEMO_CONFIG, *demo_paths(inputs), f"model.name_or_path={model}",
+                                f"training.output_dir={tmp_path / 'results'}"])
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = last_line(done.stderr)
+    assert f"from '{model}'" in line and "set model" in line and "layer_types" in line
+    assert "Traceback" not in done.stderr

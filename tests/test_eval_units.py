@@ -310,3 +310,68 @@ def test_hf_engine_static_cache_matches_dynamic_cache(tiny_model_dir):
     assert [(g.text, g.token_ids, g.finish_reason) for g in got] == [(g.text, g.token_ids, g.finish_reason) for g in expected]
     dynamic.close()
     static.close()
+
+
+def test_hf_engine_loads_later_checkpoints_into_the_live_model(tiny_model_dir, tmp_path):
+    """Same architecture and tokenizer: weights are copied in place (the model object, and what was compiled
+    for it, stays); the responses equal a freshly loaded engine's. Another architecture: a full load."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    for file in changed.glob("*.safetensors"):
+        tensors = load_file(str(file))
+        save_file({k: v + 0.05 * torch.randn_like(v) for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    prompts = ["What is $2+3$? <think>", "hello"]
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, stop=(), seed=0)
+    fresh = HfEngine("cpu", "float32", batch_size=2, max_model_len=512, seed=0, tokenizer_fallback="")
+    fresh.load(str(changed))
+    expected = [g.token_ids for g in fresh.generate(prompts, greedy, progress=False)]
+    fresh.close()
+
+    engine = HfEngine("cpu", "float32", batch_size=2, max_model_len=512, seed=0, tokenizer_fallback="")
+    engine.load(str(tiny_model_dir))
+    before = [g.token_ids for g in engine.generate(prompts, greedy, progress=False)]
+    live_model = engine.model
+    engine.load(str(changed))
+    assert engine.last_load["kind"] == "reload" and engine.model is live_model
+    assert [g.token_ids for g in engine.generate(prompts, greedy, progress=False)] == expected != before
+
+    other_arch = tmp_path / "arch"
+    shutil.copytree(tiny_model_dir, other_arch)
+    config = json.loads((other_arch / "config.json").read_text())
+    (other_arch / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    # config.json now says 3 layers where the weights hold 2: no in-place copy is tried, and the full
+    # load fails with the one-line error that the daemon records (it keeps serving).
+    with pytest.raises(CheckpointLoadError, match="could not load .*arch"):
+        engine.load(str(other_arch))
+    assert engine.model is None
+    engine.load(str(changed))
+    assert engine.last_load["kind"] == "start"
+    engine.close()
+
+
+def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypatch, caplog):
+    import torch
+
+    engine = HfEngine("cpu", "float32", batch_size=8, max_model_len=512, seed=0, tokenizer_fallback="")
+    engine.load(str(tiny_model_dir))
+    prompts = [f"problem {k}: what is {k} + {k}?" for k in range(7)]
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=6, stop=(), seed=0)
+    expected = [g.token_ids for g in engine.generate(prompts, greedy, progress=False)]
+    real_batch = engine._generate_batch
+
+    def small_batches_only(batch_ids, sampling):
+        if len(batch_ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_batch(batch_ids, sampling)
+
+    monkeypatch.setattr(engine, "_generate_batch", small_batches_only)
+    with caplog.at_level("WARNING"):
+        got = engine.generate(prompts, greedy, progress=False)
+    assert [g.token_ids for g in got] == expected  # every prompt answered, in order
+    assert engine.batch_size == 2 and "hf_batch_size lowered to 2" in caplog.text
+    engine.close()

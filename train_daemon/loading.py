@@ -77,12 +77,15 @@ def choose_device(config: Config) -> DeviceSetup:
 
 
 def load_tokenizer(model: ModelConfig):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoTokenizer
 
     source = model.tokenizer or model.name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError) as exc:  # missing files, unreachable hub, unknown tokenizer class
+    # Missing files, unreachable hub, unknown tokenizer class; StrictDataclassError: the tokenizer
+    # reads the model's config.json too, and transformers 5 refuses one that contradicts itself.
+    except (OSError, ValueError, StrictDataclassError) as exc:
         raise ConfigError(f"cannot load the tokenizer from {source!r} ({_first_line(exc)}); set model.tokenizer "
                           f"or model.name_or_path to a local model directory or a reachable hub id") from exc
     if tokenizer.eos_token_id is None:
@@ -93,6 +96,7 @@ def load_tokenizer(model: ModelConfig):
 def load_model(config: Config, device: torch.device):
     """The causal LM in float32 on the device, in training mode (safetensors only, no remote code)."""
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     if not config.logging.progress_bar:
@@ -104,7 +108,9 @@ def load_model(config: Config, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
                                                      trust_remote_code=False, attn_implementation=attn_implementation)
-    except (OSError, ValueError, ImportError) as exc:  # no safetensors, unreachable hub, missing attention package
+    # No safetensors, unreachable hub, missing attention package; StrictDataclassError: a config.json that
+    # contradicts itself (transformers 5 validates configs with huggingface_hub's strict dataclasses).
+    except (OSError, ValueError, ImportError, StrictDataclassError) as exc:
         raise ConfigError(f"cannot load the model from {source!r} ({_first_line(exc)}); set model.name_or_path to a "
                           f"directory with safetensors weights or a reachable hub id") from exc
     if not hasattr(model, "model") or not hasattr(model, "lm_head"):
@@ -123,5 +129,8 @@ def load_model(config: Config, device: torch.device):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The message's first line, or its first two when the first only introduces the second (ends in ':')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
