@@ -18,6 +18,7 @@ from eval_daemon.entropy import mean_entropy_from_logits
 logger = logging.getLogger(__name__)
 
 STATIC_PROMPT_BUCKET = 256  # tokens; with static_cache, prompt widths are rounded up to a multiple of this
+ENTROPY_BATCH_TOKENS = 32_768  # padded tokens per forward pass when scoring token entropy
 
 
 class HfEngine:
@@ -202,14 +203,18 @@ class HfEngine:
         import torch
 
         results: list[float | None] = [None] * len(generations)
-        scored = [i for i, g in enumerate(generations) if g.token_ids]
+        # Longest first, in batches of at most ENTROPY_BATCH_TOKENS padded tokens: a forward pass over
+        # hf_batch_size long responses at once would need tens of GB of activations.
+        scored = sorted((i for i, g in enumerate(generations) if g.token_ids),
+                        key=lambda i: -len(generations[i].prompt_token_ids + generations[i].token_ids))
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        start = 0
         with torch.inference_mode():
-            for start in range(0, len(scored), self.batch_size):
-                batch = scored[start:start + self.batch_size]
+            while start < len(scored):
+                width = len(generations[scored[start]].prompt_token_ids + generations[scored[start]].token_ids)
+                batch = scored[start:start + max(1, ENTROPY_BATCH_TOKENS // width)]
                 sequences = [generations[i].prompt_token_ids + generations[i].token_ids for i in batch]
                 # Right padding: position ids start at 0 in every row, as during generation.
-                width = max(len(s) for s in sequences)
                 ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, sequence in enumerate(sequences):
@@ -223,6 +228,7 @@ class HfEngine:
                     chunks = [mean_entropy_from_logits(head(states[c:c + 256])) * len(states[c:c + 256])
                               for c in range(0, len(states), 256)]
                     results[i] = sum(chunks) / len(states)
+                start += len(batch)
         return results
 
     def close(self) -> None:

@@ -375,3 +375,19 @@ def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypat
     assert [g.token_ids for g in got] == expected  # every prompt answered, in order
     assert engine.batch_size == 2 and "hf_batch_size lowered to 2" in caplog.text
     engine.close()
+
+
+def test_hf_engine_entropy_is_the_same_in_any_batching(tiny_model_dir, monkeypatch):
+    """Token entropy per response does not depend on how responses are batched (padding, order)."""
+    import eval_daemon.hf_engine as hf_engine
+
+    engine = HfEngine("cpu", "float32", batch_size=8, max_model_len=512, seed=0, tokenizer_fallback="")
+    engine.load(str(tiny_model_dir))
+    prompts = ["short", "a somewhat longer prompt about $x^2$", "mid length one", "z" * 30]
+    generations = engine.generate(prompts, Sampling(1.0, 1.0, 10, (), 0), progress=False)
+    together = engine.token_entropies(generations)
+    monkeypatch.setattr(hf_engine, "ENTROPY_BATCH_TOKENS", 1)  # one response per forward pass
+    alone = engine.token_entropies(generations)
+    assert all(t is not None for t in together)
+    assert together == pytest.approx(alone, rel=1e-4)
+    engine.close()
