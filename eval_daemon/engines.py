@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from common.errors import first_line
 from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class VllmEngine:
             )
         except Exception as exc:  # vLLM raises many unrelated types for a bad model (ValueError, RuntimeError, OSError, ...)
             self.close()
-            raise CheckpointLoadError(f"vLLM could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise CheckpointLoadError(f"vLLM could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
         self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
         logger.info("vLLM engine started on %s in %.1f s", model_path, self.last_load["seconds"])
 
@@ -224,7 +225,7 @@ class VllmEngine:
             results = self.llm.collective_rpc("reload_checkpoint", args=(str(model_path),))
         except Exception as exc:  # raised from the worker with any type; its weights are now in an unknown state
             logger.warning("weight reload of %s failed (%s: %s); restarting vLLM", model_path,
-                           type(exc).__name__, _first_line(exc))
+                           type(exc).__name__, first_line(exc))
             self.close()
             return False
         # Cached KV blocks were computed with the old weights: never reuse them.
@@ -302,14 +303,6 @@ def _position_entropies(prompt_logprobs, start: int) -> list[float]:
 def _finish(reason: str | None) -> str:
     # vLLM says 'stop' for EOS and stop strings, 'length' for max_tokens / max_model_len.
     return "length" if reason == "length" else "stop"
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message's first line, or its first two when the first only introduces the second (ends in ':')."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _warn_too_long(count: int, max_model_len: int) -> None:

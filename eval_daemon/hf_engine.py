@@ -11,8 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _first_line, _warn_too_long,
-                                 check_model_dir, empty_generation, model_fingerprint, tokenizer_source)
+from common.errors import first_line
+from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _warn_too_long, check_model_dir,
+                                 empty_generation, model_fingerprint, tokenizer_source)
 from eval_daemon.entropy import mean_entropy_from_logits
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class HfEngine:
         # What from_pretrained raises for bad files; StrictDataclassError: a config.json that contradicts
         # itself (transformers 5 validates configs with huggingface_hub's strict dataclasses).
         except (OSError, ValueError, RuntimeError, KeyError, StrictDataclassError) as exc:
-            raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
         tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token

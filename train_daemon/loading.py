@@ -15,6 +15,7 @@ import torch
 
 from common.config import Config, ConfigError, DataConfig, ModelConfig
 from common.data import SftPair, load_math, load_prompt_template, load_sft_pairs, math_to_sft_pairs
+from common.errors import first_line
 from train_daemon.attention import kernel_available
 from train_daemon.attention import register as register_varlen_attention
 
@@ -86,7 +87,7 @@ def load_tokenizer(model: ModelConfig):
     # Missing files, unreachable hub, unknown tokenizer class; StrictDataclassError: the tokenizer
     # reads the model's config.json too, and transformers 5 refuses one that contradicts itself.
     except (OSError, ValueError, StrictDataclassError) as exc:
-        raise ConfigError(f"cannot load the tokenizer from {source!r} ({_first_line(exc)}); set model.tokenizer "
+        raise ConfigError(f"cannot load the tokenizer from {source!r} ({first_line(exc, type(exc).__name__)}); set model.tokenizer "
                           f"or model.name_or_path to a local model directory or a reachable hub id") from exc
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {source!r} has no EOS token; SFT responses must end with one")
@@ -111,7 +112,7 @@ def load_model(config: Config, device: torch.device):
     # No safetensors, unreachable hub, missing attention package; StrictDataclassError: a config.json that
     # contradicts itself (transformers 5 validates configs with huggingface_hub's strict dataclasses).
     except (OSError, ValueError, ImportError, StrictDataclassError) as exc:
-        raise ConfigError(f"cannot load the model from {source!r} ({_first_line(exc)}); set model.name_or_path to a "
+        raise ConfigError(f"cannot load the model from {source!r} ({first_line(exc, type(exc).__name__)}); set model.name_or_path to a "
                           f"directory with safetensors weights or a reachable hub id") from exc
     if not hasattr(model, "model") or not hasattr(model, "lm_head"):
         raise ConfigError(f"{source!r} is a {type(model).__name__}; the trainer needs a decoder with .model and .lm_head (Qwen2, Llama, ...)")
@@ -126,11 +127,3 @@ def load_model(config: Config, device: torch.device):
         for layer in model.model.layers:
             layer.compile(dynamic=True)
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message's first line, or its first two when the first only introduces the second (ends in ':')."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
