@@ -6,17 +6,18 @@ never emit EOS, so every response has that length; the tokens are counted, not a
 
 - `padded model.generate, 128 prompts`: the issue's baseline shape, one left-padded batch of the
   first 128 prompts, after an untimed warm-up call (CUDA context, cuBLAS, kernels);
-- `HfEngine fixed batches B`: eval_daemon.hf_engine.HfEngine, length-sorted left-padded batches
-  of B prompts with stop strings, over all --num-prompts prompts, for each B in --engine-batches;
-- `HfEngine static cache, batches of B`: the same engine with static_cache=True (preallocated KV
-  cache, transformers compiles the decoding step with CUDA graphs), for each B in --static-batches,
-  run twice: the first run includes the compilation, the second reuses it.
+- `HfEngine batch loop, B`: eval_daemon.hf_engine.HfEngine with its batch decoding loop
+  (eval_daemon/hf_decode.py: preallocated KV cache, CUDA graphs), length-sorted left-padded
+  batches of at most B prompts with stop strings, over all --num-prompts prompts, for each B in
+  --loop-batches, run twice: the first run includes capturing the graphs, the second reuses them;
+- `HfEngine generate, B`: the same engine with decoder "generate" (transformers' model.generate
+  per batch), for each B in --generate-batches.
 
 Rows print as they finish, so a run cut short by a timeout still reports what it measured.
 
     python bench/hf_generate.py --model DIR --test-source .dev/bench/math_test.jsonl    # GPU
     python bench/hf_generate.py --device cpu --num-prompts 8 --baseline-prompts 4 --max-new-tokens 8 \
-        --engine-batches 4 --static-batches 4                                           # CPU smoke run
+        --loop-batches 4 --generate-batches 4                                           # CPU smoke run
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=1024, help="prompts for the engine variants")
     parser.add_argument("--baseline-prompts", type=int, default=128, help="prompts in the padded baseline batch")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--engine-batches", default="512", help="fixed batch sizes to measure ('' for none)")
-    parser.add_argument("--static-batches", default="512", help="static-cache batch sizes to measure ('' for none)")
+    parser.add_argument("--loop-batches", default="512", help="batch-loop batch sizes to measure ('' for none)")
+    parser.add_argument("--eager-batches", default="", help="batch-loop sizes to measure without CUDA graphs")
+    parser.add_argument("--generate-batches", default="", help="model.generate batch sizes to measure ('' for none)")
     return parser.parse_args()
 
 
@@ -70,15 +72,22 @@ def main() -> None:
     _padded_generate(engine, baseline_prompts[:8], args.device, max_new_tokens=8)  # warm-up, untimed
     base = _report(f"padded model.generate, {len(baseline_prompts)} prompts",
                    lambda: _padded_generate(engine, baseline_prompts, args.device, args.max_new_tokens), args, None)
-    for batch in [int(b) for b in args.engine_batches.split(",") if b]:
+    for batch in [int(b) for b in args.loop_batches.split(",") if b]:
         engine.batch_size = batch
-        _report(f"HfEngine fixed batches of {batch}", lambda: engine.generate(prompts, sampling, False), args, base)
-    engine.static_cache = True
-    for batch in [int(b) for b in args.static_batches.split(",") if b]:
-        engine.batch_size = batch
-        for attempt in ("compiling", "compiled"):
-            _report(f"HfEngine static cache, {batch}, {attempt}", lambda: engine.generate(prompts, sampling, False),
+        for attempt in ("first run", "again"):
+            _report(f"HfEngine batch loop, {batch}, {attempt}", lambda: engine.generate(prompts, sampling, False),
                     args, base)
+        engine.batch_decoder = None  # free its KV buffers before the next size allocates its own
+    engine.cuda_graphs = False
+    for batch in [int(b) for b in args.eager_batches.split(",") if b]:
+        engine.batch_size = batch
+        _report(f"HfEngine batch loop, {batch}, no CUDA graphs", lambda: engine.generate(prompts, sampling, False),
+                args, base)
+        engine.batch_decoder = None
+    engine.decoder, engine.loop_unsupported = "generate", "measuring model.generate"
+    for batch in [int(b) for b in args.generate_batches.split(",") if b]:
+        engine.batch_size = batch
+        _report(f"HfEngine generate, {batch}", lambda: engine.generate(prompts, sampling, False), args, base)
     engine.close()
 
 

@@ -111,8 +111,10 @@ class EvaluationConfig:
     logs_dir: str = "results/eval_logs"
     analysis_dir: str = "results/analysis"
     worker_id: str = ""  # empty: hostname-pid
-    hf_batch_size: int = 512  # prompts per model.generate call with engine: hf (halved on out-of-memory)
-    hf_static_cache: bool = True  # engine hf on a GPU: static KV cache + compiled decoding (CUDA graphs)
+    hf_batch_size: int = 512  # prompts decoded together with engine: hf (halved on out-of-memory)
+    # engine hf: batch_loop = mathsft's decoding loop (preallocated KV cache, CUDA graphs on a GPU;
+    # Qwen2 / Llama models, others use generate) | generate = transformers' model.generate
+    hf_decoder: str = "batch_loop"
 
 
 @dataclass
@@ -270,6 +272,8 @@ def validate(config: Config, source: str = "<config>") -> None:
     _require(e.grading_timeout_s > 0, f"{source}: evaluation.grading_timeout_s must be > 0")
     _require(e.grading_workers >= 1, f"{source}: evaluation.grading_workers must be >= 1")
     _require(e.hf_batch_size >= 1, f"{source}: evaluation.hf_batch_size must be >= 1")
+    _require(e.hf_decoder in ("batch_loop", "generate"),
+             f"{source}: evaluation.hf_decoder must be batch_loop or generate, got {e.hf_decoder!r}")
     _require(e.max_tokens < e.max_model_len,
              f"{source}: evaluation.max_tokens ({e.max_tokens}) must be < evaluation.max_model_len ({e.max_model_len}); raise max_model_len")
     _require(e.worker_id == "" or _safe_name(e.worker_id),

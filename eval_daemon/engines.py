@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -61,6 +62,7 @@ class Generation:
     prompt_token_ids: list[int]
     finish_reason: str  # 'stop' (stop string or EOS) | 'length' (max_tokens or max_model_len)
     num_tokens: int
+    token_entropy: float | None = None  # mean token entropy, for the rows generate() was asked to score
 
 
 class GenerationEngine(Protocol):
@@ -70,11 +72,13 @@ class GenerationEngine(Protocol):
     def load(self, model_path: str) -> None:
         """Make model_path the model that generate() uses; raise CheckpointLoadError when it cannot."""
 
-    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
-        """One Generation per prompt, in prompt order; all prompts are submitted together."""
+    entropy_seconds: float  # time the last generate() spent scoring entropy
 
-    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
-        """Mean token entropy of each response under the loaded model (None for an empty response)."""
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
+                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
+        """One Generation per prompt, in prompt order; all prompts are submitted together. The
+        responses of `entropy_rows` get token_entropy: their mean token entropy under the loaded
+        model (None for an empty response)."""
 
     def close(self) -> None:
         """Free the model and any worker processes."""
@@ -180,6 +184,7 @@ class VllmEngine:
         self.llm = None
         self.fingerprint: str | None = None
         self.last_load: dict = {}  # {"kind": "start" | "reload", "seconds": ...} for logs and the bench
+        self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
 
     def load(self, model_path: str) -> None:
         check_model_dir(model_path)
@@ -234,15 +239,17 @@ class VllmEngine:
         logger.info("loaded %s into the live vLLM engine in %.2f s (%s)", model_path, self.last_load["seconds"], results[0])
         return True
 
-    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
-        from vllm import SamplingParams
-
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
+                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
+        """All prompts in one engine call; then the entropy prefill of `entropy_rows`, in a second
+        call. (Adding each entropy prefill to the running engine as soon as its response finished
+        was tried on an H200: in a paired run it cost 4-5 s per evaluation, more than this second
+        call's 2.0-2.7 s; docs/PERFORMANCE.md, "Evaluation (vLLM)".)"""
         tokenizer = self.llm.get_tokenizer()
         prompt_ids = [tokenizer.encode(p) for p in prompts]
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
         _warn_too_long(len(prompts) - len(fits), self.max_model_len)
-        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                                stop=list(sampling.stop), include_stop_str_in_output=True)
+        params = [self._generation_params(sampling, prompts[i]) for i in fits]
         outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params, use_tqdm=progress)
         results = [empty_generation(ids) for ids in prompt_ids]
         for i, output in zip(fits, outputs):
@@ -250,20 +257,35 @@ class VllmEngine:
             results[i] = Generation(text=completion.text, token_ids=list(completion.token_ids),
                                     prompt_token_ids=prompt_ids[i], finish_reason=_finish(completion.finish_reason),
                                     num_tokens=len(completion.token_ids))
+        started = time.perf_counter()
+        rows = sorted(set(entropy_rows))
+        for i, value in zip(rows, self.token_entropies([results[i] for i in rows])):
+            results[i].token_entropy = value
+        self.entropy_seconds = time.perf_counter() - started
         return results
 
-    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+    def _generation_params(self, sampling: Sampling, prompt: str):
+        """One request's SamplingParams (bench/eval_full.py overrides it to force response lengths)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                              stop=list(sampling.stop), include_stop_str_in_output=True)
+
+    def _entropy_params(self):
         from vllm import SamplingParams
 
         # Prefill only: prompt_logprobs over prompt + response, one generated token that is discarded.
         # flat_logprobs (where this vLLM has it) returns flat lists instead of one dict of Logprob
         # objects per position: ~100k positions x 21 entries for 256 responses, mostly object overhead.
         flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False, **flat)
+        return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False, **flat)
+
+    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+        """Mean token entropy of each response (None for an empty one): one prefill-only call."""
         scored = [i for i, g in enumerate(generations) if g.token_ids]
         requests = [{"prompt_token_ids": (generations[i].prompt_token_ids + generations[i].token_ids)[: self.max_model_len - 1]}
                     for i in scored]
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = self.llm.generate(requests, self._entropy_params(), use_tqdm=False) if requests else []
         results: list[float | None] = [None] * len(generations)
         for i, output in zip(scored, outputs):
             values = _position_entropies(output.prompt_logprobs, len(generations[i].prompt_token_ids))
@@ -320,7 +342,4 @@ def make_engine(config, device: str) -> GenerationEngine:
         return VllmEngine(device, dtype, e.gpu_memory_utilization, e.max_model_len, e.seed, tokenizer)
     from eval_daemon.hf_engine import HfEngine  # imported here: hf_engine imports this module
 
-    # The static cache pays off through compiled decoding, which transformers does on GPUs only; on
-    # CPU it would only add padding.
-    return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer,
-                    static_cache=e.hf_static_cache and device.startswith("cuda"))
+    return HfEngine(device, dtype, e.hf_batch_size, e.max_model_len, e.seed, tokenizer, decoder=e.hf_decoder)

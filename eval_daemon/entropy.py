@@ -1,14 +1,14 @@
 """Mean token entropy of responses: which responses are scored, and the two estimators.
 
-Asking vLLM for top-20 logprobs during generation made it 7x slower on an H100, so entropy is not
-computed while generating. Instead a fixed, seeded subsample of the responses
-(`evaluation.entropy_sample_size`, the same problems for every checkpoint) is scored after
-generation, in one batched prefill over prompt + response, by the engine that already holds the
-model (no second copy of the weights):
+Asking vLLM for top-20 logprobs of every generated token made generation 7x slower on an H100,
+so a fixed, seeded subsample of the responses (`evaluation.entropy_sample_size`, the same problems
+for every checkpoint) is scored in a prefill over prompt + response, by the engine that already
+holds the model (no second copy of the weights), at the end of the engine's generate():
 
-- hf engine:   a teacher-forced forward pass; entropy over the full vocabulary (exact).
+- hf engine:   a teacher-forced forward pass after the batches; entropy over the full vocabulary
+               (exact).
                method "hf_forward_full_vocab".
-- vllm engine: one extra generate call with max_tokens=1 and prompt_logprobs=20 (prefill only).
+- vllm engine: one more engine call with max_tokens=1 and prompt_logprobs=20 (prefill only).
                The entropy is computed from the top-20 probabilities plus the remaining mass as
                one bucket, a lower bound on the full-vocabulary entropy that is exact when the top
                20 hold all the mass. method "vllm_prompt_logprobs_top20_lower_bound".

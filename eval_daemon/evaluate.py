@@ -1,4 +1,4 @@
-"""One evaluation of the loaded model: prompts -> generate -> grade -> entropy -> samples + metrics.
+"""One evaluation of the loaded model: prompts -> generate (with the entropy subsample) -> grade -> samples + metrics.
 
 Every example becomes one sample row (the store's `samples` columns): prompt, problem, response,
 ground truth, solution, subject, level, problem id, rewards, category, format failure type,
@@ -65,27 +65,21 @@ def run_evaluation(engine: GenerationEngine, eval_set: EvalSet, sampling: Sampli
     """Evaluate the engine's loaded model on the eval set; never raises on odd model output."""
     started = time.perf_counter()
     with GpuSampler(gpu_device) as gpu:
-        generations = engine.generate(eval_set.prompts, sampling, progress)  # one call: continuous batching
+        # One call (continuous batching); the engine then scores the entropy subsample.
+        generations = engine.generate(eval_set.prompts, sampling, progress, entropy_rows=eval_set.entropy_indices)
     generated = time.perf_counter()
     grades = grader.grade([g.text for g in generations], [e.answer for e in eval_set.examples], grading_timeout_s,
                           [g.finish_reason for g in generations])
     graded = time.perf_counter()
-    entropies = _subsample_entropies(engine, generations, eval_set.entropy_indices)
-    scored = time.perf_counter()
-    samples = [make_sample(example, prompt, generation, grade, entropies.get(index))
+    scored = set(eval_set.entropy_indices)
+    samples = [make_sample(example, prompt, generation, grade, generation.token_entropy if index in scored else None)
                for index, (example, prompt, generation, grade)
                in enumerate(zip(eval_set.examples, eval_set.prompts, generations, grades))]
+    # entropy_seconds: the part of generation_seconds spent scoring the entropy subsample.
     timings = {"generation_seconds": generated - started, "grading_seconds": graded - generated,
-               "entropy_seconds": scored - graded}
+               "entropy_seconds": engine.entropy_seconds}
     return EvalResult(samples=samples, metrics=summarize(samples, engine.entropy_method), timings=timings,
                       gpu=gpu.summary())
-
-
-def _subsample_entropies(engine: GenerationEngine, generations: list[Generation], indices: list[int]) -> dict[int, float]:
-    if not indices:
-        return {}
-    values = engine.token_entropies([generations[i] for i in indices])
-    return {i: v for i, v in zip(indices, values) if v is not None}
 
 
 def categorize(format_reward: float, answer_reward: float) -> str:

@@ -1,7 +1,9 @@
 """The Hugging Face transformers engine: the fallback for CPU or machines without vLLM.
 
-Implements eval_daemon.engines.GenerationEngine. Used by `bin/eval` with `evaluation.engine: hf`
-and by bench/hf_generate.py.
+Loads the model with transformers and decodes length-sorted batches of prompts with
+eval_daemon/hf_decode.py (CUDA graphs on a GPU), or with model.generate for architectures that
+loop does not support. Implements eval_daemon.engines.GenerationEngine. Used by `bin/eval` with
+`evaluation.engine: hf` and by bench/hf_generate.py.
 """
 
 from __future__ import annotations
@@ -9,16 +11,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import first_line
 from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _warn_too_long, check_model_dir,
                                  empty_generation, model_fingerprint, tokenizer_source)
 from eval_daemon.entropy import mean_entropy_from_logits
+from eval_daemon.hf_decode import BatchDecoder, supported_reason
 
 logger = logging.getLogger(__name__)
 
-STATIC_PROMPT_BUCKET = 256  # tokens; with static_cache, prompt widths are rounded up to a multiple of this
 ENTROPY_BATCH_TOKENS = 32_768  # padded tokens per forward pass when scoring token entropy
 
 
@@ -27,20 +30,23 @@ class HfEngine:
     entropy_method = "hf_forward_full_vocab"
 
     def __init__(self, device: str, dtype: str, batch_size: int, max_model_len: int, seed: int,
-                 tokenizer_fallback: str, static_cache: bool = False) -> None:
+                 tokenizer_fallback: str, decoder: str = "batch_loop", cuda_graphs: bool = True) -> None:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
-        # static_cache: a preallocated KV cache, which lets transformers compile the decoding step
-        # (torch.compile, CUDA graphs) on a GPU. Prompts are left-padded to a multiple of
-        # STATIC_PROMPT_BUCKET tokens so that few cache shapes (and compilations) occur.
-        self.static_cache = static_cache
+        # decoder: "batch_loop" (eval_daemon/hf_decode.py; model.generate for models it does not
+        # support) or "generate" (transformers' model.generate).
+        self.decoder = decoder
+        self.cuda_graphs = cuda_graphs  # on a GPU; False: every step runs eagerly (for comparison)
         self.max_model_len = max_model_len
         self.seed = seed
         self.tokenizer_fallback = tokenizer_fallback
         self.model = None
         self.tokenizer = None
         self.fingerprint: str | None = None
+        self.batch_decoder: BatchDecoder | None = None  # KV buffers and CUDA graphs, kept across calls
+        self.loop_unsupported: str | None = None  # why the loaded model is decoded with generate
+        self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
         self.last_load: dict = {}
 
     def load(self, model_path: str) -> None:
@@ -80,15 +86,19 @@ class HfEngine:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        self.loop_unsupported = "evaluation.hf_decoder is generate" if self.decoder == "generate" else \
+            supported_reason(self.model)
+        if self.decoder == "batch_loop" and self.loop_unsupported:
+            logger.warning("decoding %s with model.generate, several times slower than mathsft's batch loop, "
+                           "which does not support its %s", model_path, self.loop_unsupported)
         self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
         logger.info("loaded %s with transformers on %s in %.1f s", model_path, self.device, self.last_load["seconds"])
 
     def _copy_weights_in_place(self, path: Path) -> None:
         """Copy a checkpoint's tensors into the live model's parameters (same architecture and tokenizer).
 
-        The parameters keep their memory, so what was compiled for them (the static-cache decoding
-        step and its CUDA graphs) is reused: a new model object would be compiled again, about a
-        minute per checkpoint on a GPU.
+        The parameters keep their memory, so the batch decoder's CUDA graphs, which read them by
+        address, stay valid and are reused: a new model object would need new graphs and buffers.
         """
         import torch
         from safetensors import SafetensorError, safe_open
@@ -115,7 +125,8 @@ class HfEngine:
         if missing:
             raise CheckpointLoadError(f"{path} has no tensor for {missing[0]} (and {len(missing) - 1} more)")
 
-    def generate(self, prompts: list[str], sampling: Sampling, progress: bool) -> list[Generation]:
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
+                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
         import torch
         from tqdm import tqdm
 
@@ -124,13 +135,15 @@ class HfEngine:
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
         _warn_too_long(len(prompts) - len(fits), self.max_model_len)
         order = sorted(fits, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: less padding
+        cache_len = max((len(prompt_ids[i]) for i in order), default=0) + sampling.max_tokens
         torch.manual_seed(sampling.seed)
         start = 0
         with tqdm(total=len(order), desc="generating (hf)", unit="prompt", disable=not progress) as bar:
             while start < len(order):
-                batch = order[start:start + self.batch_size]
+                size = _even_batch_size(len(order), self.batch_size)
+                batch = order[start:start + size]
                 try:
-                    generations = self._generate_batch([prompt_ids[i] for i in batch], sampling)
+                    generations = self._generate_batch([prompt_ids[i] for i in batch], sampling, size, cache_len)
                 except torch.OutOfMemoryError:
                     self._halve_batch_size()  # then the same prompts again, in smaller batches
                     continue
@@ -138,12 +151,18 @@ class HfEngine:
                     results[i] = generation
                 bar.update(len(batch))
                 start += len(batch)
+        started = time.perf_counter()
+        rows = sorted(set(entropy_rows))
+        for i, value in zip(rows, self.token_entropies([results[i] for i in rows])):
+            results[i].token_entropy = value
+        self.entropy_seconds = time.perf_counter() - started
         return results
 
     def _halve_batch_size(self) -> None:
         """After running out of GPU memory: smaller batches from now on (long prompts need more memory)."""
         import torch
 
+        self.batch_decoder = None  # its KV buffers were sized for the old batch size
         if self.batch_size == 1:
             raise CheckpointLoadError("out of GPU memory generating one prompt at a time; lower evaluation.max_tokens "
                                       "or use a GPU with more memory")
@@ -153,20 +172,57 @@ class HfEngine:
         logger.warning("out of GPU memory: evaluation.hf_batch_size lowered to %d for the rest of this run "
                        "(set it lower to avoid the retry)", self.batch_size)
 
-    def _generate_batch(self, batch_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def _generate_batch(self, batch_ids: list[list[int]], sampling: Sampling, size: int,
+                        cache_len: int) -> list[Generation]:
+        eos_ids = self._eos_ids()
+        if self.loop_unsupported:
+            new_ids = self._generate_with_transformers(batch_ids, sampling, eos_ids)
+        else:
+            decoder = self._batch_decoder(size, cache_len)
+            new_ids = decoder.sample(batch_ids, sampling.max_tokens, sampling.temperature, sampling.top_p, eos_ids,
+                                     self.tokenizer.pad_token_id, self._stop_finder(sampling.stop))
+        return [self._to_generation(ids, new, eos_ids, sampling.stop) for ids, new in zip(batch_ids, new_ids)]
+
+    def _batch_decoder(self, size: int, cache_len: int) -> BatchDecoder:
+        """The decoder for batches of `size`, kept while batch size and cache length suffice."""
+        current = self.batch_decoder
+        if current is None or current.batch_size != size or current.cache_len < cache_len:
+            self.batch_decoder = None  # frees the old KV buffers before the new ones are allocated
+            self.batch_decoder = BatchDecoder(self.model, size, cache_len,
+                                              use_cuda_graphs=self.cuda_graphs and self.device.startswith("cuda"))
+            logger.info("decoding in batches of %d with a %d-token KV cache%s", size, self.batch_decoder.cache_len,
+                        " and CUDA graphs" if self.batch_decoder.use_cuda_graphs else "")
+        return self.batch_decoder
+
+    def _stop_finder(self, stops: tuple[str, ...]):
+        """stop_end for BatchDecoder: where the first stop string ends, in tokens (None: no stop yet)."""
+        overlap = max((len(s) for s in stops), default=0)  # a stop string spans at most this many tokens
+
+        def holds_stop(tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        def stop_end(tokens: list[int], checked: int) -> int | None:
+            start = max(0, checked - overlap)  # tokens[:checked] hold no stop: look at the new ones
+            if not stops or not holds_stop(tokens[start:]):
+                return None
+            free, stopped = checked, len(tokens)  # the shortest stopped prefix lies in (free, stopped]
+            while stopped - free > 1:
+                middle = (free + stopped) // 2
+                free, stopped = (free, middle) if holds_stop(tokens[start:middle]) else (middle, stopped)
+            return stopped
+
+        return stop_end
+
+    def _generate_with_transformers(self, batch_ids: list[list[int]], sampling: Sampling,
+                                    eos_ids: list[int]) -> list[list[int]]:
         import torch
 
-        bucket = STATIC_PROMPT_BUCKET if self.static_cache else None
-        encoded = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt", pad_to_multiple_of=bucket).to(self.device)
-        eos_ids = self._eos_ids()
+        encoded = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
         config = self._generation_config(sampling, eos_ids)
-        if self.static_cache:
-            config.cache_implementation = "static"
         with torch.inference_mode():
             output = self.model.generate(**encoded, generation_config=config, tokenizer=self.tokenizer)
-        width = encoded["input_ids"].shape[1]
-        return [self._to_generation(ids, row[width:].tolist(), eos_ids, sampling.stop)
-                for ids, row in zip(batch_ids, output)]
+        return output[:, encoded["input_ids"].shape[1]:].tolist()
 
     def _generation_config(self, sampling: Sampling, eos_ids: list[int]):
         from transformers import GenerationConfig
@@ -236,6 +292,7 @@ class HfEngine:
         if self.model is None:
             return
         on_gpu = self.device.startswith("cuda")
+        self.batch_decoder = None
         self.model = None
         self.fingerprint = None
         gc.collect()
@@ -243,3 +300,11 @@ class HfEngine:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _even_batch_size(prompts: int, limit: int) -> int:
+    """The batch size that splits `prompts` into the fewest batches of at most `limit`, evenly:
+    5,000 prompts at 512 -> 10 batches of 500 (not 9 of 512 and one of 392, whose decoder would
+    be padded to 512 rows or sized, and on a GPU captured, anew)."""
+    batches = -(-prompts // limit)
+    return -(-prompts // batches)

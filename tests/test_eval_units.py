@@ -150,14 +150,14 @@ class ScriptedEngine:
     def load(self, model_path: str) -> None:
         pass
 
-    def generate(self, prompts, sampling, progress):
+    entropy_seconds = 0.0
+
+    def generate(self, prompts, sampling, progress, entropy_rows=()):
         self.calls += 1
         assert len(prompts) == len(self.responses)
-        return [Generation(text=t, token_ids=list(range(len(t.split()))), prompt_token_ids=[1, 2],
-                           finish_reason=f, num_tokens=len(t.split())) for t, f in self.responses]
-
-    def token_entropies(self, generations):
-        return [0.5 for _ in generations]
+        return [Generation(text=t, token_ids=list(range(len(t.split()))), prompt_token_ids=[1, 2], finish_reason=f,
+                           num_tokens=len(t.split()), token_entropy=0.5 if k in entropy_rows else None)
+                for k, (t, f) in enumerate(self.responses)]
 
     def close(self) -> None:
         pass
@@ -292,26 +292,6 @@ def test_hf_engine_stop_string_max_tokens_and_order(tiny_model_dir):
     engine.close()
 
 
-def test_hf_engine_static_cache_matches_dynamic_cache(tiny_model_dir):
-    """The static KV cache (bucketed prompt padding) gives the same greedy responses, stop strings included."""
-    dynamic = HfEngine("cpu", "float32", batch_size=3, max_model_len=512, seed=0, tokenizer_fallback="")
-    dynamic.load(str(tiny_model_dir))
-    static = HfEngine("cpu", "float32", batch_size=3, max_model_len=512, seed=0, tokenizer_fallback="", static_cache=True)
-    static.load(str(tiny_model_dir))
-    prompts = ["What is $2+3$? <think>", "hello", "The answer is <answer> 5", "x", "a much longer prompt " * 5]
-    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=16, stop=(), seed=0)
-    reference = dynamic.generate(prompts, greedy, progress=False)
-    assert [g.token_ids for g in static.generate(prompts, greedy, progress=False)] == [g.token_ids for g in reference]
-    text = reference[0].text  # a stop string from the middle of the first response
-    stop = next(text[k:k + 2] for k in range(2, len(text) - 2) if text[k:k + 2].strip() and text.find(text[k:k + 2]) == k)
-    stopping = Sampling(0.0, 1.0, 16, (stop,), 0)
-    expected, got = dynamic.generate(prompts, stopping, progress=False), static.generate(prompts, stopping, progress=False)
-    assert got[0].finish_reason == "stop" and got[0].text == text[: text.find(stop) + len(stop)]
-    assert [(g.text, g.token_ids, g.finish_reason) for g in got] == [(g.text, g.token_ids, g.finish_reason) for g in expected]
-    dynamic.close()
-    static.close()
-
-
 def test_hf_engine_loads_later_checkpoints_into_the_live_model(tiny_model_dir, tmp_path):
     """Same architecture and tokenizer: weights are copied in place (the model object, and what was compiled
     for it, stays); the responses equal a freshly loaded engine's. Another architecture: a full load."""
@@ -364,10 +344,10 @@ def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypat
     expected = [g.token_ids for g in engine.generate(prompts, greedy, progress=False)]
     real_batch = engine._generate_batch
 
-    def small_batches_only(batch_ids, sampling):
+    def small_batches_only(batch_ids, *args):
         if len(batch_ids) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_batch(batch_ids, sampling)
+        return real_batch(batch_ids, *args)
 
     monkeypatch.setattr(engine, "_generate_batch", small_batches_only)
     with caplog.at_level("WARNING"):

@@ -54,6 +54,12 @@ def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(
         scored = [(g, e) for g, e in zip(fresh_20, entropies_20) if e is not None]
         assert len(scored) == 3
         assert engine.token_entropies([g for g, _ in scored]) == pytest.approx([e for _, e in scored], rel=1e-4)
+        # Entropy scored inside generate (prefills added as responses finish): same responses, same values.
+        with_entropy = engine.generate(prompts, greedy, progress=False, entropy_rows=[0, 2, 5])
+        assert [g.text for g in with_entropy] == responses_20
+        assert [g.token_entropy is not None for g in with_entropy] == [k in (0, 2, 5) for k in range(7)]
+        assert [with_entropy[k].token_entropy for k in (0, 2, 5)] == \
+            pytest.approx(engine.token_entropies([fresh_20[k] for k in (0, 2, 5)]), rel=1e-4)
         engine.load(str(step_10))
         assert engine.last_load["kind"] == "reload"
         assert [g.text for g in engine.generate(prompts, greedy, progress=False)] == responses_10
