@@ -257,11 +257,7 @@ class VllmEngine:
             results[i] = Generation(text=completion.text, token_ids=list(completion.token_ids),
                                     prompt_token_ids=prompt_ids[i], finish_reason=_finish(completion.finish_reason),
                                     num_tokens=len(completion.token_ids))
-        started = time.perf_counter()
-        rows = sorted(set(entropy_rows))
-        for i, value in zip(rows, self.token_entropies([results[i] for i in rows])):
-            results[i].token_entropy = value
-        self.entropy_seconds = time.perf_counter() - started
+        self.entropy_seconds = score_entropy_rows(self.token_entropies, results, entropy_rows)
         return results
 
     def _generation_params(self, sampling: Sampling, prompt: str):
@@ -325,6 +321,15 @@ def _position_entropies(prompt_logprobs, start: int) -> list[float]:
 def _finish(reason: str | None) -> str:
     # vLLM says 'stop' for EOS and stop strings, 'length' for max_tokens / max_model_len.
     return "length" if reason == "length" else "stop"
+
+
+def score_entropy_rows(token_entropies, results: list[Generation], entropy_rows: Sequence[int]) -> float:
+    """Set token_entropy on the entropy_rows of results with an engine's token_entropies; returns seconds."""
+    started = time.perf_counter()
+    rows = sorted(set(entropy_rows))
+    for i, value in zip(rows, token_entropies([results[i] for i in rows])):
+        results[i].token_entropy = value
+    return time.perf_counter() - started
 
 
 def _warn_too_long(count: int, max_model_len: int) -> None:

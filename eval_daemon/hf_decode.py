@@ -59,7 +59,6 @@ class BatchDecoder:
     """
 
     def __init__(self, model, batch_size: int, cache_len: int, use_cuda_graphs: bool) -> None:
-        self.model = model
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.batch_size = batch_size

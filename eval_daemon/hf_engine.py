@@ -16,7 +16,8 @@ from pathlib import Path
 
 from common.errors import first_line
 from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _warn_too_long, check_model_dir,
-                                 empty_generation, model_fingerprint, tokenizer_source)
+                                 empty_generation, model_fingerprint, score_entropy_rows,
+                                 tokenizer_source)
 from eval_daemon.entropy import mean_entropy_from_logits
 from eval_daemon.hf_decode import BatchDecoder, supported_reason
 
@@ -151,11 +152,7 @@ class HfEngine:
                     results[i] = generation
                 bar.update(len(batch))
                 start += len(batch)
-        started = time.perf_counter()
-        rows = sorted(set(entropy_rows))
-        for i, value in zip(rows, self.token_entropies([results[i] for i in rows])):
-            results[i].token_entropy = value
-        self.entropy_seconds = time.perf_counter() - started
+        self.entropy_seconds = score_entropy_rows(self.token_entropies, results, entropy_rows)
         return results
 
     def _halve_batch_size(self) -> None:
