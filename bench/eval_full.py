@@ -47,12 +47,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=len(STEPS), choices=range(2, len(STEPS) + 1),
+                        help="publish steps 1..N of STEPS (fewer fit a slower machine's time limit)")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    for step in [step for step in STEPS if step > args.steps]:
+        del STEPS[step]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     on_gpu = args.device.startswith("cuda")
     if on_gpu:
@@ -125,11 +129,13 @@ def main() -> None:
 
         with connect_read_only(e.store_path) as con:
             for step in STEPS:
-                total, generation, grading = con.execute(
-                    "select total_seconds, generation_seconds, grading_seconds from evaluations where step = ?",
-                    [step]).fetchone()
+                total, generation, grading, method, scored, entropy = con.execute(
+                    "select total_seconds, generation_seconds, grading_seconds, entropy_method, entropy_sample_size, "
+                    "avg_token_entropy from evaluations where step = ?", [step]).fetchone()
                 rows[f"daemon_evaluation_s_{step}"], rows[f"daemon_generation_s_{step}"] = total, generation
                 rows[f"daemon_grading_s_{step}"] = grading
+                rows[f"entropy_{step}"] = f"{method}: {scored} of {len(eval_set.entropy_indices)} responses scored, " \
+                                          f"mean {entropy if entropy is None else round(entropy, 4)} nats"
     finally:
         engine.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -143,7 +149,7 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
     engine (the daemon is idle, watching), then publish the step and time it until its record is
     committed. Pairs of bare and daemon runs a minute apart: generation time drifts by several
     percent over minutes on one machine, so one baseline for all would measure the drift. Step 2
-    has the entropy subsample switched off (the overhead floor). Completion is the daemon's marker, written Completion is the daemon's marker file, written right after the store commit
+    has the entropy subsample switched off (the overhead floor). Completion is the daemon's marker file, written right after the store commit
     (common.checkpoints): DuckDB refuses a second, read-only connection from the writing process."""
     try:
         _wait_marker(checkpoints / RUN_ID, 0)
@@ -241,6 +247,7 @@ def print_table(args: argparse.Namespace, num_prompts: int, rows: dict) -> None:
             ("  daemon evaluation (reload+generate+grade+entropy+files+commit)", f"{rows[f'daemon_evaluation_s_{step}']:.2f} s"),
             ("  of which generation / grading", f"{rows[f'daemon_generation_s_{step}']:.2f} s / "
                                                 f"{rows[f'daemon_grading_s_{step}']:.2f} s"),
+            ("  token entropy", rows[f"entropy_{step}"]),
             ("  bare generate just before", f"{rows[f'bare_generate_s_{step}']:.2f} s"),
             ("  daemon evaluation / that bare generate", f"{rows[f'daemon_evaluation_s_{step}'] / rows[f'bare_generate_s_{step}']:.3f}"),
         ]

@@ -117,6 +117,46 @@ def test_watcher_wakes_on_manifest_replace_not_on_step_dirs(tmp_path, polling):
 # ---- entropy -------------------------------------------------------------------------------------
 
 
+def test_flat_logprobs_entropies_equal_the_per_position_dicts():
+    """The vectorised path over vLLM's FlatLogprobs gives what one dict per position gives: the
+    scored token counted once whether or not it is in the top k, -inf logprobs, full-mass rows."""
+    pytest.importorskip("vllm")
+    import random
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from eval_daemon.engines import _position_entropies
+
+    rng = random.Random(0)
+    flat, dicts = FlatLogprobs(), []
+    flat.append(None)  # vLLM's first prompt position
+    dicts.append(None)
+    for position in range(300):
+        top = rng.sample(range(1000), 5)
+        raw = sorted((rng.random() for _ in top), reverse=True)
+        mass = rng.choice([1.0, 0.9, 0.5])  # 1.0: the top 5 hold all the mass
+        logprobs = [math.log(mass * r / sum(raw)) for r in raw]
+        if position % 7 == 0:
+            logprobs[-1] = float("-inf")
+        scored = top[rng.randrange(5)] if position % 2 else rng.randrange(1000, 2000)
+        scored_logprob = logprobs[top.index(scored)] if scored in top else math.log((1 - mass) / 3 + 1e-9)
+        ids, values = [scored, *top], [scored_logprob, *logprobs]
+        flat.append({i: Logprob(v, None, None) for i, v in zip(ids, values)})
+        # FlatLogprobs.append de-duplicates like a dict; build the raw flat layout vLLM writes instead
+        dicts.append({i: Logprob(v, None, None) for i, v in zip(ids, values)})
+    raw_flat = FlatLogprobs()
+    raw_flat.append(None)
+    for d, position in zip(dicts[1:], range(300)):
+        ids, values = list(d), [lp.logprob for lp in d.values()]
+        if len(ids) == 5:  # the scored token was in the top 5: vLLM writes it twice
+            ids, values = [ids[0], *ids], [values[0], *values]
+        raw_flat.append_fast(ids, values, [None] * len(ids), [None] * len(ids))
+    expected = _position_entropies(dicts, 1)
+    assert len(expected) == 300
+    assert _position_entropies(raw_flat, 1) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert _position_entropies(flat, 1) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 def test_entropy_estimators():
     import torch
 
