@@ -1,11 +1,14 @@
 """Full evaluation with the eval daemon's own loop, warm engine: publication -> committed record.
 
-One process, the real pieces of `bin/eval`: the daemon loop (eval_daemon.__main__.serve: watchdog
-observer, manifest scan, evaluate_checkpoint: weight reload, generate, grade, entropy subsample,
-files, DuckDB commit, marker) runs in the main thread; a second thread publishes a checkpoint with
-common.checkpoints.publish_checkpoint (as the trainer does) and waits until the store has its
-record. Before that, on the same engine and prompts: the engine's cold start, weight reloads into
-the live engine. Before each publication, a bare `generate` call (the overhead baseline).
+One process, the real pieces of `bin/eval`: the daemon loop (eval_daemon.__main__.serve: manifest
+scan, evaluate_checkpoint: weight reload, generate, grade, entropy subsample, files, DuckDB commit,
+marker). First, on the same engine and prompts: the engine's cold start, weight reloads into the
+live engine. Then, for each step, in the main thread: a bare `generate` call (the overhead
+baseline), a publication with common.checkpoints.publish_checkpoint (as the trainer does), and the
+daemon's loop until the store has its record (`serve --once`). With --trainer-thread (the runs
+before the fourth session): the daemon's loop watches with its watchdog observer in the main
+thread while a second thread runs the bare generates, publishes and waits for each record; there
+the daemon's generate ran 9-31% slower than the bare one on some machines (docs/PERFORMANCE.md).
 
 Response lengths are forced (random weights never emit `</answer>` or EOS): each response gets
 exactly as many tokens as the problem's reference SFT response (` {solution} </think> <answer>
@@ -47,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--trainer-thread", action="store_true",
+                        help="the structure of the runs before the fourth session: a second thread publishes "
+                             "and runs the bare generates while the daemon's loop watches in the main thread")
     parser.add_argument("--steps", type=int, default=len(STEPS), choices=range(2, len(STEPS) + 1),
                         help="publish steps 1..N of STEPS (fewer fit a slower machine's time limit)")
     parser.add_argument("--json", help="write the results here")
@@ -108,7 +114,7 @@ def main() -> None:
             reloads.append(time.perf_counter() - started)
         rows["reload_s"] = statistics.median(reloads)
 
-        # ---- the daemon loop; a trainer-like thread publishes step 1 and waits for its record
+        # ---- the daemon loop
         with Grader(workers=e.grading_workers) as grader:
             grader.start()
             stop = StopSignal()
@@ -117,14 +123,17 @@ def main() -> None:
                           worker_id="bench", engine=engine, grader=grader, stop=stop,
                           trackers=Trackers(config, "bench", None))
             # Step 0 (already published) is evaluated first, like a daemon that starts on a run;
-            # the timed publication comes after it, with the engine warm.
+            # the timed publications come after it, with the engine warm.
             timing: dict[str, float] = {}
             bare_generate = functools.partial(engine.generate, eval_set.prompts, sampling, False)
-            publisher = threading.Thread(target=_publish_and_wait, daemon=True,
-                                         args=(results / "checkpoints", model, ctx, timing, bare_generate))
-            publisher.start()
-            serve(ctx, once=False)
-            publisher.join()
+            if args.trainer_thread:  # a trainer-like thread publishes and runs the bare generates
+                publisher = threading.Thread(target=_publish_and_wait, daemon=True,
+                                             args=(results / "checkpoints", model, ctx, timing, bare_generate))
+                publisher.start()
+                serve(ctx, once=False)
+                publisher.join()
+            else:
+                _bare_publish_evaluate(results / "checkpoints", model, ctx, timing, bare_generate)
         rows.update(timing)
 
         with connect_read_only(e.store_path) as con:
@@ -169,6 +178,31 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
             timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
     finally:
         ctx.stop.requested = True  # the serve loop polls this flag every 0.5 s
+
+
+def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, bare_generate) -> None:
+    """All in this (the main) thread, one after the other, as the bare and the daemon's generate
+    must compare like with like: for each of STEPS a bare generate, the publication, then the
+    daemon's loop until nothing is pending (serve --once: a manifest scan finds the new step)."""
+    from common.checkpoints import is_evaluated
+    from eval_daemon.__main__ import serve
+
+    serve(ctx, once=True)  # step 0
+    entropy_indices = ctx.eval_set.entropy_indices
+    for step in STEPS:
+        ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
+        started = time.perf_counter()
+        generations = bare_generate()
+        timing[f"bare_generate_s_{step}"] = time.perf_counter() - started
+        timing["generated_tokens"] = sum(g.num_tokens for g in generations)
+        started = time.perf_counter()
+        _publish(checkpoints, step, model)
+        published = time.perf_counter()
+        timing[f"publish_s_{step}"] = published - started
+        serve(ctx, once=True)
+        if not is_evaluated(checkpoints / RUN_ID, step):
+            raise RuntimeError(f"step {step} was not recorded (see the daemon's log above)")
+        timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
 
 
 def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:

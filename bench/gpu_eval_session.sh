@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 TOK=${TOK:-.dev/bench/qwen_tok}; TEST=${TEST:-.dev/bench/math_test.jsonl}
 [ -f /tmp/rq/config.json ] || python3 bench/make_random_model.py /tmp/rq --tokenizer $TOK --device cuda 2>&1 | tail -1
-timeout ${EVAL_TIMEOUT:-420} python3 bench/eval_full.py --model /tmp/rq --test-source $TEST --steps ${EVAL_STEPS:-4} --json $OUT/eval_full.json \
+timeout ${EVAL_TIMEOUT:-420} python3 bench/eval_full.py --model /tmp/rq --test-source $TEST --steps ${EVAL_STEPS:-4} ${EVAL_ARGS:-} --json $OUT/eval_full.json \
   > $OUT/eval_full.log 2>&1; echo "eval_full exit $?"
 grep -E "eval_daemon|engines|store:|Error|error|Traceback" $OUT/eval_full.log | grep -v "Loading weights" | cut -c1-250 | tail -12
 sed -n '/^eval_full:/,$p' $OUT/eval_full.log
