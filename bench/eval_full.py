@@ -157,23 +157,15 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
     """Trainer side: wait for step 0's record, then for each of STEPS: a bare generate on the same
     engine (the daemon is idle, watching), then publish the step and time it until its record is
     committed. Pairs of bare and daemon runs a minute apart: generation time drifts by several
-    percent over minutes on one machine, so one baseline for all would measure the drift. Step 2
-    has the entropy subsample switched off (the overhead floor). Completion is the daemon's marker file, written right after the store commit
+    percent over minutes on one machine, so one baseline for all would measure the drift.
+    Completion is the daemon's marker file, written right after the store commit
     (common.checkpoints): DuckDB refuses a second, read-only connection from the writing process."""
     try:
         _wait_marker(checkpoints / RUN_ID, 0)
         entropy_indices = ctx.eval_set.entropy_indices
         for step in STEPS:
-            ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
-            started = time.perf_counter()
-            generations = bare_generate()
-            timing[f"bare_generate_s_{step}"] = time.perf_counter() - started
-            timing["generated_tokens"] = sum(g.num_tokens for g in generations)
-            time.sleep(1.0)  # let the daemon go idle on its watcher
-            started = time.perf_counter()
-            _publish(checkpoints, step, model)
-            published = time.perf_counter()
-            timing[f"publish_s_{step}"] = published - started
+            published = _bare_then_publish(checkpoints, model, ctx, step, entropy_indices, timing, bare_generate,
+                                           pause_s=1.0)  # the pause lets the daemon go idle on its watcher
             _wait_marker(checkpoints / RUN_ID, step)
             timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
     finally:
@@ -190,19 +182,28 @@ def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, ba
     serve(ctx, once=True)  # step 0
     entropy_indices = ctx.eval_set.entropy_indices
     for step in STEPS:
-        ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
-        started = time.perf_counter()
-        generations = bare_generate()
-        timing[f"bare_generate_s_{step}"] = time.perf_counter() - started
-        timing["generated_tokens"] = sum(g.num_tokens for g in generations)
-        started = time.perf_counter()
-        _publish(checkpoints, step, model)
-        published = time.perf_counter()
-        timing[f"publish_s_{step}"] = published - started
+        published = _bare_then_publish(checkpoints, model, ctx, step, entropy_indices, timing, bare_generate)
         serve(ctx, once=True)
         if not is_evaluated(checkpoints / RUN_ID, step):
             raise RuntimeError(f"step {step} was not recorded (see the daemon's log above)")
         timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
+
+
+def _bare_then_publish(checkpoints: Path, model: Path, ctx, step: int, entropy_indices: list[int], timing: dict,
+                       bare_generate, pause_s: float = 0.0) -> float:
+    """One step's bare generate (timed), then its publication (timed); returns when it was
+    published. Step 2's evaluation has the entropy subsample switched off (the overhead floor)."""
+    ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
+    started = time.perf_counter()
+    generations = bare_generate()
+    timing[f"bare_generate_s_{step}"] = time.perf_counter() - started
+    timing["generated_tokens"] = sum(g.num_tokens for g in generations)
+    time.sleep(pause_s)
+    started = time.perf_counter()
+    _publish(checkpoints, step, model)
+    published = time.perf_counter()
+    timing[f"publish_s_{step}"] = published - started
+    return published
 
 
 def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:
