@@ -325,7 +325,7 @@ def _position_entropies(prompt_logprobs, start: int) -> list[float]:
 def _uniform_flat_entropies(flat, low: int, high: int, width: int) -> list[float]:
     """entropy_from_top_logprobs of every position at once, for back-to-back positions of `width`
     entries each (the usual case: the scored token, then the top k): ~100k positions per
-    evaluation, 10x faster than one Python call per position."""
+    evaluation, 0.09 s instead of 0.30 s with one Python call per position (2-core CPU)."""
     import numpy as np
 
     ids = np.asarray(flat.token_ids[low:high], dtype=np.int64).reshape(-1, width)

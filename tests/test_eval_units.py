@@ -141,12 +141,12 @@ def test_flat_logprobs_entropies_equal_the_per_position_dicts():
         scored = top[rng.randrange(5)] if position % 2 else rng.randrange(1000, 2000)
         scored_logprob = logprobs[top.index(scored)] if scored in top else math.log((1 - mass) / 3 + 1e-9)
         ids, values = [scored, *top], [scored_logprob, *logprobs]
-        flat.append({i: Logprob(v, None, None) for i, v in zip(ids, values)})
-        # FlatLogprobs.append de-duplicates like a dict; build the raw flat layout vLLM writes instead
         dicts.append({i: Logprob(v, None, None) for i, v in zip(ids, values)})
+        flat.append(dicts[-1])  # appending a dict stores it de-duplicated: positions of 5 or 6 entries
+    # The layout vLLM writes: the scored token first, again in the top k when it is there (6 entries each).
     raw_flat = FlatLogprobs()
     raw_flat.append(None)
-    for d, position in zip(dicts[1:], range(300)):
+    for d in dicts[1:]:
         ids, values = list(d), [lp.logprob for lp in d.values()]
         if len(ids) == 5:  # the scored token was in the top 5: vLLM writes it twice
             ids, values = [ids[0], *ids], [values[0], *values]
