@@ -7,8 +7,14 @@ live engine. Then, for each step, in the main thread: a bare `generate` call (th
 baseline), a publication with common.checkpoints.publish_checkpoint (as the trainer does), and the
 daemon's loop until the store has its record (`serve --once`). With --trainer-thread (the runs
 before the fourth session): the daemon's loop watches with its watchdog observer in the main
-thread while a second thread runs the bare generates, publishes and waits for each record; there
-the daemon's generate ran 9-31% slower than the bare one on some machines (docs/PERFORMANCE.md).
+thread while a second thread runs the bare generates, publishes and waits for each record.
+
+The bare generate starts from an empty prefix cache, as every evaluation of a new checkpoint does
+(the daemon resets it after each reload: KV computed with the old weights is stale). Before the
+fifth session it did not: it reused the previous evaluation's cached prompt blocks (~371k of the
+809k prompt tokens of the MATH test), which no evaluation of a new checkpoint can, and the daemon's
+generate looked 9-31% slower than it. --warm-cache-bare also times one bare generate the old way,
+before step 1. The table shows the prompt tokens served from the prefix cache in each call.
 
 Response lengths are forced (random weights never emit `</answer>` or EOS): each response gets
 exactly as many tokens as the problem's reference SFT response (` {solution} </think> <answer>
@@ -55,6 +61,9 @@ def parse_args() -> argparse.Namespace:
                              "and runs the bare generates while the daemon's loop watches in the main thread")
     parser.add_argument("--steps", type=int, default=len(STEPS), choices=range(2, len(STEPS) + 1),
                         help="publish steps 1..N of STEPS (fewer fit a slower machine's time limit)")
+    parser.add_argument("--warm-cache-bare", action="store_true",
+                        help="before step 1, also time a bare generate that reuses the prefix cache of the "
+                             "evaluation before it (the baseline of the runs before the fifth session)")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
 
@@ -125,7 +134,9 @@ def main() -> None:
             # Step 0 (already published) is evaluated first, like a daemon that starts on a run;
             # the timed publications come after it, with the engine warm.
             timing: dict[str, float] = {}
-            bare_generate = functools.partial(engine.generate, eval_set.prompts, sampling, False)
+            bare_generate = functools.partial(_bare_generate, engine, eval_set.prompts, sampling)
+            if args.warm_cache_bare:
+                timing["warm_cache_bare"] = True
             if args.trainer_thread:  # a trainer-like thread publishes and runs the bare generates
                 publisher = threading.Thread(target=_publish_and_wait, daemon=True,
                                              args=(results / "checkpoints", model, ctx, timing, bare_generate))
@@ -168,6 +179,7 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
                                            pause_s=1.0)  # the pause lets the daemon go idle on its watcher
             _wait_marker(checkpoints / RUN_ID, step)
             timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
+            _note_daemon_generate(ctx.engine, step, timing)
     finally:
         ctx.stop.requested = True  # the serve loop polls this flag every 0.5 s
 
@@ -187,6 +199,7 @@ def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, ba
         if not is_evaluated(checkpoints / RUN_ID, step):
             raise RuntimeError(f"step {step} was not recorded (see the daemon's log above)")
         timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
+        _note_daemon_generate(ctx.engine, step, timing)
 
 
 def _bare_then_publish(checkpoints: Path, model: Path, ctx, step: int, entropy_indices: list[int], timing: dict,
@@ -194,16 +207,37 @@ def _bare_then_publish(checkpoints: Path, model: Path, ctx, step: int, entropy_i
     """One step's bare generate (timed), then its publication (timed); returns when it was
     published. Step 2's evaluation has the entropy subsample switched off (the overhead floor)."""
     ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
-    started = time.perf_counter()
-    generations = bare_generate()
-    timing[f"bare_generate_s_{step}"] = time.perf_counter() - started
+    if step == 1 and timing.get("warm_cache_bare"):
+        seconds, _, timing["bare_warm_cache_cached_tokens"] = bare_generate(reset_prefix_cache=False)
+        timing["bare_warm_cache_s"] = seconds
+        logging.getLogger("bench").info("bare generate reusing the prefix cache: %.2f s", seconds)
+    seconds, generations, timing[f"bare_cached_tokens_{step}"] = bare_generate()
+    timing[f"bare_generate_s_{step}"] = seconds
     timing["generated_tokens"] = sum(g.num_tokens for g in generations)
+    timing["prompt_tokens"] = sum(len(g.prompt_token_ids) for g in generations)
+    logging.getLogger("bench").info("step %d: bare generate %.2f s", step, seconds)
     time.sleep(pause_s)
     started = time.perf_counter()
     _publish(checkpoints, step, model)
     published = time.perf_counter()
     timing[f"publish_s_{step}"] = published - started
     return published
+
+
+def _bare_generate(engine, prompts: list[str], sampling, reset_prefix_cache: bool = True):
+    """(seconds, generations, prompt tokens served from the prefix cache) of one bare generate.
+    The reset is not timed: the daemon's reset is part of its (timed) reload."""
+    if reset_prefix_cache:
+        engine.llm.reset_prefix_cache()
+    started = time.perf_counter()
+    generations = engine.generate(prompts, sampling, False)
+    return time.perf_counter() - started, generations, engine.cached_prompt_tokens[0]
+
+
+def _note_daemon_generate(engine, step: int, timing: dict) -> None:
+    timing[f"daemon_cached_tokens_{step}"] = engine.cached_prompt_tokens[0]  # its generate, before the entropy call
+    logging.getLogger("bench").info("step %d: publication -> record %.2f s (bare generate before it %.2f s)", step,
+                                    timing[f"publication_to_record_s_{step}"], timing[f"bare_generate_s_{step}"])
 
 
 def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:
@@ -253,6 +287,23 @@ class ForcedLengthEngine:
                    for prompt, ids, n in zip(eval_set.prompts, responses, prompt_lengths)}
 
         class _Engine(VllmEngine):
+            cached_prompt_tokens: list[int] = []  # per vLLM call of the last generate: prompt tokens from the prefix cache
+
+            def generate(self, *args, **kwargs):
+                self.cached_prompt_tokens = []
+                return super().generate(*args, **kwargs)
+
+            def _start(self, model_path):
+                super()._start(model_path)
+                llm_generate = self.llm.generate
+
+                def counted_generate(*args, **kwargs):
+                    outputs = llm_generate(*args, **kwargs)
+                    self.cached_prompt_tokens.append(sum(o.num_cached_tokens or 0 for o in outputs))
+                    return outputs
+
+                self.llm.generate = counted_generate
+
             def _generation_params(self, sampling, prompt):
                 from vllm import SamplingParams
 
@@ -275,6 +326,10 @@ def print_table(args: argparse.Namespace, num_prompts: int, rows: dict) -> None:
         ("daemon evaluation / the bare generate just before it, median over the configured steps "
          "(target <= 1.10)", f"{statistics.median(paired):.3f} (each: {', '.join(f'{r:.3f}' for r in paired)})"),
     ]
+    if "bare_warm_cache_s" in rows:
+        lines.append(("bare generate reusing the last evaluation's prefix cache (before step 1; the old baseline)",
+                      f"{rows['bare_warm_cache_s']:.2f} s ({rows['bare_warm_cache_cached_tokens']} of "
+                      f"{rows['prompt_tokens']} prompt tokens from the cache)"))
     for step, label in STEPS.items():
         lines += [
             (f"step {step} ({label}): publication -> committed record (target <= 55 s)",
@@ -284,6 +339,8 @@ def print_table(args: argparse.Namespace, num_prompts: int, rows: dict) -> None:
                                                 f"{rows[f'daemon_grading_s_{step}']:.2f} s"),
             ("  token entropy", rows[f"entropy_{step}"]),
             ("  bare generate just before", f"{rows[f'bare_generate_s_{step}']:.2f} s"),
+            ("  prompt tokens from the prefix cache: bare / daemon generate",
+             f"{rows[f'bare_cached_tokens_{step}']} / {rows[f'daemon_cached_tokens_{step}']} of {rows['prompt_tokens']}"),
             ("  daemon evaluation / that bare generate", f"{rows[f'daemon_evaluation_s_{step}'] / rows[f'bare_generate_s_{step}']:.3f}"),
         ]
     width = max(len(name) for name, _ in lines)
