@@ -111,6 +111,7 @@ def main() -> None:
     engine = ForcedLengthEngine(eval_set, model, args.max_model_len, "cuda:0" if on_gpu else "cpu", config.model.dtype,
                                 e.gpu_memory_utilization, e.seed)
     rows: dict[str, float] = {}
+    subsample = len(eval_set.entropy_indices)  # the configured entropy subsample (step 2 switches it off)
     first = _publish(results / "checkpoints", 0, model)  # what the engine starts on
     second = first.parent / "step_000000_copy"  # a second model directory: same files, another path
     shutil.copytree(first, second, copy_function=os.link)
@@ -163,7 +164,7 @@ def main() -> None:
                     "avg_token_entropy from evaluations where step = ?", [step]).fetchone()
                 rows[f"daemon_evaluation_s_{step}"], rows[f"daemon_generation_s_{step}"] = total, generation
                 rows[f"daemon_grading_s_{step}"] = grading
-                rows[f"entropy_{step}"] = f"{method}: {scored} of {len(eval_set.entropy_indices)} responses scored, " \
+                rows[f"entropy_{step}"] = f"{method}: {scored} of {subsample} responses scored, " \
                                           f"mean {entropy if entropy is None else round(entropy, 4)} nats"
     finally:
         engine.close()

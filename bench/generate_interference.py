@@ -8,7 +8,9 @@ in rounds (A B C A B C ...), so that drift over minutes hits every variant alike
 Variants (the pieces in which the daemon's generate differs from a bare one): bare; right after a
 weight reload into the live engine (only the generate is timed); with the daemon's GPU sampler
 thread (eval_daemon.evaluate.GpuSampler: an NVML query a second); with the entropy subsample (256
-responses, the prefill after generation included). --variants N keeps the first N. CPU smoke run
+responses, the prefill after generation included). --variants N keeps the first N. Each starts
+from an empty prefix cache (since the fifth session; the runs in docs/PERFORMANCE.md's fourth
+session had the bare variants reuse the previous call's cached prompt blocks). CPU smoke run
 (tiny model, demo problems): python bench/generate_interference.py --device cpu --rounds 1
 """
 
@@ -97,6 +99,9 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name, run in variants.items():
+            # Every variant starts from an empty prefix cache, as the daemon's generate does after its
+            # reload (before the fifth session the bare one reused the previous call's prompt blocks).
+            engine.llm.reset_prefix_cache()
             started = time.perf_counter()
             timed = run()
             seconds[name].append(timed if timed is not None else time.perf_counter() - started)
