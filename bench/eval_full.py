@@ -141,16 +141,15 @@ def main() -> None:
             # the timed publications come after it, with the engine warm.
             timing: dict[str, float] = {}
             bare_generate = functools.partial(_bare_generate, engine, eval_set.prompts, sampling)
-            if args.warm_cache_bare:
-                timing["warm_cache_bare"] = True
             if args.trainer_thread:  # a trainer-like thread publishes and runs the bare generates
                 publisher = threading.Thread(target=_publish_and_wait, daemon=True,
-                                             args=(results / "checkpoints", model, ctx, timing, bare_generate))
+                                             args=(results / "checkpoints", model, ctx, timing, bare_generate,
+                                                   args.warm_cache_bare))
                 publisher.start()
                 serve(ctx, once=False)
                 publisher.join()
             else:
-                _bare_publish_evaluate(results / "checkpoints", model, ctx, timing, bare_generate)
+                _bare_publish_evaluate(results / "checkpoints", model, ctx, timing, bare_generate, args.warm_cache_bare)
             after = max(STEPS) + 1  # the bare generate after the last evaluation
             timing[f"bare_generate_s_{after}"], _, timing[f"bare_cached_tokens_{after}"] = bare_generate()
             logging.getLogger("bench").info("after step %d: bare generate %.2f s", after - 1,
@@ -174,7 +173,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"num_prompts": len(eval_set.prompts), **rows}, indent=1, default=str))
 
 
-def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_generate) -> None:
+def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_generate, warm_cache_bare: bool) -> None:
     """Trainer side: wait for step 0's record, then for each of STEPS: a bare generate on the same
     engine (the daemon is idle, watching), then publish the step and time it until its record is
     committed. Pairs of bare and daemon runs a minute apart: generation time drifts by several
@@ -186,7 +185,7 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
         entropy_indices = ctx.eval_set.entropy_indices
         for step in STEPS:
             published = _bare_then_publish(checkpoints, model, ctx, step, entropy_indices, timing, bare_generate,
-                                           pause_s=1.0)  # the pause lets the daemon go idle on its watcher
+                                           warm_cache_bare, pause_s=1.0)  # the pause lets the daemon go idle
             _wait_marker(checkpoints / RUN_ID, step)
             timing[f"publication_to_record_s_{step}"] = time.perf_counter() - published
             _note_daemon_generate(ctx.engine, step, timing)
@@ -194,7 +193,8 @@ def _publish_and_wait(checkpoints: Path, model: Path, ctx, timing: dict, bare_ge
         ctx.stop.requested = True  # the serve loop polls this flag every 0.5 s
 
 
-def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, bare_generate) -> None:
+def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, bare_generate,
+                           warm_cache_bare: bool) -> None:
     """All in this (the main) thread, one after the other, as the bare and the daemon's generate
     must compare like with like: for each of STEPS a bare generate, the publication, then the
     daemon's loop until nothing is pending (serve --once: a manifest scan finds the new step)."""
@@ -204,7 +204,8 @@ def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, ba
     serve(ctx, once=True)  # step 0
     entropy_indices = ctx.eval_set.entropy_indices
     for step in STEPS:
-        published = _bare_then_publish(checkpoints, model, ctx, step, entropy_indices, timing, bare_generate)
+        published = _bare_then_publish(checkpoints, model, ctx, step, entropy_indices, timing, bare_generate,
+                                       warm_cache_bare)
         serve(ctx, once=True)
         if not is_evaluated(checkpoints / RUN_ID, step):
             raise RuntimeError(f"step {step} was not recorded (see the daemon's log above)")
@@ -213,11 +214,11 @@ def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, ba
 
 
 def _bare_then_publish(checkpoints: Path, model: Path, ctx, step: int, entropy_indices: list[int], timing: dict,
-                       bare_generate, pause_s: float = 0.0) -> float:
+                       bare_generate, warm_cache_bare: bool, pause_s: float = 0.0) -> float:
     """One step's bare generate (timed), then its publication (timed); returns when it was
     published. Step 2's evaluation has the entropy subsample switched off (the overhead floor)."""
     ctx.eval_set.entropy_indices = [] if step == 2 else entropy_indices
-    if step == 1 and timing.get("warm_cache_bare"):
+    if step == 1 and warm_cache_bare:
         seconds, _, timing["bare_warm_cache_cached_tokens"] = bare_generate(reset_prefix_cache=False)
         timing["bare_warm_cache_s"] = seconds
         logging.getLogger("bench").info("bare generate reusing the prefix cache: %.2f s", seconds)
