@@ -61,7 +61,7 @@ def make_checkpoints(args: argparse.Namespace, workdir: Path) -> tuple[Path, Pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     first = build_tiny_model(workdir / "tiny")
     model = AutoModelForCausalLM.from_pretrained(first)
@@ -78,7 +78,7 @@ def make_checkpoints(args: argparse.Namespace, workdir: Path) -> tuple[Path, Pat
 
 def make_eval_set(args: argparse.Namespace, workdir: Path, config):
     from common.data import load_math
-    from common.demo_data import write_demo_dataset
+    from common.demo.data import write_demo_dataset
     from eval_daemon.evaluate import load_eval_set
 
     source = args.test_source or str(write_demo_dataset(workdir / "demo_math", train=1, test=args.num_prompts))
@@ -110,12 +110,13 @@ def main() -> None:
     max_tokens = args.max_tokens or (1024 if on_gpu else 32)
 
     from common.config import load_config
+    from common.contract import Checkpoint
     from common.grading import Grader
-    from common.store import eval_key
+    from common.store.writer import eval_key
     from eval_daemon.__main__ import Context, evaluate_checkpoint
-    from eval_daemon.engines import Sampling, VllmEngine
+    from eval_daemon.engines.base import Sampling
+    from eval_daemon.engines.vllm import VllmEngine
     from eval_daemon.records import Trackers
-    from eval_daemon.schedule import Checkpoint
     from eval_daemon.shutdown import StopSignal
 
     workdir = Path(tempfile.mkdtemp(prefix="eval_engine_reuse-"))

@@ -4,7 +4,7 @@ One process, the real pieces of `bin/eval`: the daemon loop (eval_daemon.__main_
 scan, evaluate_checkpoint: weight reload, generate, grade, entropy subsample, files, DuckDB commit,
 marker). First, on the same engine and prompts: the engine's cold start, weight reloads into the
 live engine. Then, for each step, in the main thread: a bare `generate` call (the overhead
-baseline), a publication with common.checkpoints.publish_checkpoint (as the trainer does), and the
+baseline), a publication with common.contract.publish_checkpoint (as the trainer does), and the
 daemon's loop until the store has its record (`serve --once`). With --trainer-thread (the runs
 before the fourth session): the daemon's loop watches with its watchdog observer in the main
 thread while a second thread runs the bare generates, publishes and waits for each record.
@@ -85,9 +85,10 @@ def main() -> None:
 
     from common.config import load_config
     from common.grading import Grader
-    from common.store import connect_read_only, eval_key
+    from common.store.schema import connect_read_only
+    from common.store.writer import eval_key
     from eval_daemon.__main__ import Context, serve
-    from eval_daemon.engines import Sampling
+    from eval_daemon.engines.base import Sampling
     from eval_daemon.evaluate import load_eval_set
     from eval_daemon.records import Trackers
     from eval_daemon.shutdown import StopSignal
@@ -198,7 +199,7 @@ def _bare_publish_evaluate(checkpoints: Path, model: Path, ctx, timing: dict, ba
     """All in this (the main) thread, one after the other, as the bare and the daemon's generate
     must compare like with like: for each of STEPS a bare generate, the publication, then the
     daemon's loop until nothing is pending (serve --once: a manifest scan finds the new step)."""
-    from common.checkpoints import is_evaluated
+    from common.contract import is_evaluated
     from eval_daemon.__main__ import serve
 
     serve(ctx, once=True)  # step 0
@@ -253,7 +254,7 @@ def _note_daemon_generate(engine, step: int, timing: dict) -> None:
 
 
 def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:
-    from common.checkpoints import is_evaluated
+    from common.contract import is_evaluated
 
     deadline = time.monotonic() + timeout_s
     while not is_evaluated(run_dir, step):
@@ -264,14 +265,14 @@ def _wait_marker(run_dir: Path, step: int, timeout_s: float = 900) -> None:
 
 def _publish(checkpoints: Path, step: int, model: Path) -> Path:
     """A trainer-style publication of `model` (hard links: the bytes are the same, the paths are new)."""
-    from common.checkpoints import publish_checkpoint
+    from common.contract import Sidecar, publish_checkpoint
 
     def write_model(directory: Path) -> None:
         for file in model.iterdir():
             if file.is_file():
                 _link_or_copy(file, directory / file.name)
 
-    return publish_checkpoint(checkpoints / RUN_ID, RUN_ID, step, write_model, {"run_id": RUN_ID, "step": step},
+    return publish_checkpoint(checkpoints / RUN_ID, RUN_ID, step, write_model, Sidecar(run_id=RUN_ID, step=step),
                               {"train_loss": None})
 
 
@@ -289,7 +290,7 @@ class ForcedLengthEngine:
         from transformers import AutoTokenizer
 
         from common.data import build_sft_response
-        from eval_daemon.engines import VllmEngine
+        from eval_daemon.engines.vllm import VllmEngine
 
         tokenizer = AutoTokenizer.from_pretrained(str(model))
         prompt_lengths = [len(ids) for ids in tokenizer(eval_set.prompts, add_special_tokens=False)["input_ids"]]
@@ -369,13 +370,13 @@ def print_table(args: argparse.Namespace, num_prompts: int, rows: dict) -> None:
 
 
 def _tiny_model(workdir: Path) -> Path:
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     return Path(build_tiny_model(workdir / "tiny"))
 
 
 def _demo_test_set(workdir: Path, count: int) -> str:
-    from common.demo_data import write_demo_dataset
+    from common.demo.data import write_demo_dataset
 
     return str(write_demo_dataset(workdir / "demo_math", train=1, test=count))
 

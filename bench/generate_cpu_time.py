@@ -68,7 +68,7 @@ def main() -> None:
     import vllm
 
     from common.config import load_config
-    from eval_daemon.engines import Sampling
+    from eval_daemon.engines.base import Sampling
     from eval_daemon.evaluate import load_eval_set
 
     on_gpu = args.device.startswith("cuda")

@@ -47,7 +47,7 @@ def main() -> None:
 
     from common.config import load_config
     from common.tracking import gpu_stats
-    from eval_daemon.engines import Sampling
+    from eval_daemon.engines.base import Sampling
     from eval_daemon.evaluate import GpuSampler, load_eval_set
 
     on_gpu = args.device.startswith("cuda")

@@ -6,8 +6,8 @@ never emit EOS, so every response has that length; the tokens are counted, not a
 
 - `padded model.generate, 128 prompts`: the issue's baseline shape, one left-padded batch of the
   first 128 prompts, after an untimed warm-up call (CUDA context, cuBLAS, kernels);
-- `HfEngine batch loop, B`: eval_daemon.hf_engine.HfEngine with its batch decoding loop
-  (eval_daemon/hf_decode.py: preallocated KV cache, CUDA graphs), length-sorted left-padded
+- `HfEngine batch loop, B`: eval_daemon.engines.hf.HfEngine with its batch decoding loop
+  (eval_daemon/engines/hf_decode.py: preallocated KV cache, CUDA graphs), length-sorted left-padded
   batches of at most B prompts with stop strings, over all --num-prompts prompts, for each B in
   --loop-batches, run twice: the first run includes capturing the graphs, the second reuses them;
 - `HfEngine generate, B`: the same engine with decoder "generate" (transformers' model.generate
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import build_prompt, load_math, load_prompt_template  # noqa: E402
-from eval_daemon.engines import Sampling  # noqa: E402
-from eval_daemon.hf_engine import HfEngine  # noqa: E402
+from eval_daemon.engines.base import Sampling  # noqa: E402
+from eval_daemon.engines.hf import HfEngine  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,13 +121,13 @@ def _padded_generate(engine: HfEngine, prompts: list[str], device: str, max_new_
 
 
 def _tiny_model(workdir: Path) -> str:
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     return str(build_tiny_model(workdir / "tiny"))
 
 
 def _demo_test_set(workdir: Path, count: int) -> str:
-    from common.demo_data import write_demo_dataset
+    from common.demo.data import write_demo_dataset
 
     return str(write_demo_dataset(workdir / "demo_math", train=1, test=count))
 

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.checkpoints import read_manifest  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.contract import Sidecar, read_manifest  # noqa: E402
 from common.data import load_math, load_prompt_template, math_to_sft_pairs  # noqa: E402
 from train_daemon.batching import ExampleStream, build_micro_batches, tokenize_pairs  # noqa: E402
 from train_daemon.loading import choose_device, load_model, load_tokenizer  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
             train_step(model, micro, optimizer, scheduler, t.max_grad_norm, setup.device, setup.autocast_dtype)
             if index == 0 and publish_at_start is not None:
                 call_start = time.perf_counter()
-                publisher.publish(model, publish_at_start, {"step": publish_at_start}, {})
+                publisher.publish(model, publish_at_start, Sidecar(run_id="bench", step=publish_at_start), {})
                 publish_calls.append(time.perf_counter() - call_start)
         _sync(setup.device)
         return time.perf_counter() - start
@@ -104,7 +104,7 @@ def main() -> None:
     size_gb = sum(f.stat().st_size for f in (workdir / "sync_save_pretrained").iterdir()) / 1e9
     shutil.rmtree(workdir / "sync_save_pretrained")
     start = time.perf_counter()
-    publisher.publish(model, 2, {"step": 2}, {})
+    publisher.publish(model, 2, Sidecar(run_id="bench", step=2), {})
     publisher.wait()
     sync_publish = time.perf_counter() - start
 
@@ -142,7 +142,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _tiny_model() -> str:
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     return str(build_tiny_model(Path(tempfile.mkdtemp(prefix="bench_tiny_"))))
 

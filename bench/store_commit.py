@@ -4,7 +4,7 @@
 
 Prints a table: record_evaluation wall time (open + insert + commit + close) for a 5,000-sample
 evaluation into a new and into a growing store, the executemany alternative it replaced, and
-reader latency (in-process reads and real `python -m common.query` runs) while another process
+reader latency (in-process reads and real `python -m common.store.query` runs) while another process
 commits evaluations back to back.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from store_fixtures import summarise, synthetic_samples  # noqa: E402
 
-from common import store  # noqa: E402
+from common.store import schema, writer  # noqa: E402
 
 
 def evaluation(run_id: str, step: int, n: int) -> tuple[dict, list[dict]]:
@@ -39,7 +39,7 @@ def time_commits(db: Path, n_samples: int, count: int) -> list[float]:
     for index in range(count):
         ev, samples = evaluation("bench", index * 50, n_samples)
         start = time.perf_counter()
-        assert store.record_evaluation(db, ev, samples)
+        assert writer.record_evaluation(db, ev, samples)
         times.append(time.perf_counter() - start)
     return times
 
@@ -48,8 +48,8 @@ def time_executemany(db: Path, n_samples: int) -> float:
     """The alternative: one parameterised INSERT per row, in one transaction."""
     ev, samples = evaluation("bench_executemany", 0, n_samples)
     # A failed record creates the schema without adding samples.
-    store.record_failed_evaluation(db, {k: ev[k] for k in ("run_id", "step", "eval_key", "eval_set")}, "schema only")
-    columns = list(store.SAMPLE_COLUMNS)
+    writer.record_failed_evaluation(db, {k: ev[k] for k in ("run_id", "step", "eval_key", "eval_set")}, "schema only")
+    columns = list(schema.SAMPLE_COLUMNS)
     rows = [[ev["run_id"], ev["step"], ev["eval_key"], *(s.get(c) for c in columns)] for s in samples]
     con = duckdb.connect(str(db))
     start = time.perf_counter()
@@ -65,11 +65,11 @@ def _writer(db: str, n_samples: int, count: int, started) -> None:
     started.set()
     for index in range(count):
         ev, samples = evaluation("writer", index + 1, n_samples)
-        store.record_evaluation(db, ev, samples)
+        writer.record_evaluation(db, ev, samples)
 
 
 def reader_latency(db: Path, n_samples: int, count: int) -> tuple[list[float], list[float], float]:
-    """Latency of in-process reads and of `python -m common.query` runs while a writer commits."""
+    """Latency of in-process reads and of `python -m common.store.query` runs while a writer commits."""
     time_commits(db, n_samples, 1)  # the file exists before the first read
     started = multiprocessing.Event()
     writer = multiprocessing.Process(target=_writer, args=(str(db), n_samples, count, started))
@@ -79,12 +79,12 @@ def reader_latency(db: Path, n_samples: int, count: int) -> tuple[list[float], l
     reads, cli = [], []
     while writer.is_alive():
         start = time.perf_counter()
-        with store.connect_read_only(db) as con:
+        with schema.connect_read_only(db) as con:
             con.execute("SELECT count(*) FROM progress").fetchall()
         reads.append(time.perf_counter() - start)
         if len(reads) % 10 == 0:
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "common.query", "--db", str(db), "progress"], check=True,
+            subprocess.run([sys.executable, "-m", "common.store.query", "--db", str(db), "progress"], check=True,
                            capture_output=True, cwd=REPO_ROOT)
             cli.append(time.perf_counter() - start)
     writer.join()
@@ -95,7 +95,7 @@ def cli_idle(db: Path, repeats: int = 5) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "common.query", "--db", str(db), "progress"], check=True,
+        subprocess.run([sys.executable, "-m", "common.store.query", "--db", str(db), "progress"], check=True,
                        capture_output=True, cwd=REPO_ROOT)
         times.append(time.perf_counter() - start)
     return times
@@ -127,9 +127,9 @@ def main() -> None:
     print(row(f"record_evaluation, {n} samples, new store", first))
     print(row(f"record_evaluation, {n} samples, store growing to {args.evaluations * n} rows", growing))
     print(row(f"executemany INSERT of {n} samples (not used)", [slow]))
-    print(row("python -m common.query progress, store idle", idle_cli))
+    print(row("python -m common.store.query progress, store idle", idle_cli))
     print(row("read-only open + query + close, writer committing", reads))
-    print(row("python -m common.query progress, writer committing", cli))
+    print(row("python -m common.store.query progress, writer committing", cli))
     print(f"\nstore size after {args.evaluations} evaluations of {n} samples: {size_mb:.1f} MiB; "
           f"contended phase: {args.evaluations} commits in {elapsed:.1f} s, {len(reads)} reads, none failed")
 

@@ -88,8 +88,8 @@ def main() -> None:
 def inputs(args: argparse.Namespace, workdir: Path) -> tuple[str, str, str]:
     if args.model and args.data and args.test:
         return args.model, args.data, args.test
-    from common.demo_data import write_demo_dataset
-    from common.tiny_model import build_tiny_model
+    from common.demo.data import write_demo_dataset
+    from common.demo.tiny_model import build_tiny_model
 
     model = args.model or str(workdir / "tiny")
     if not args.model and not (workdir / "tiny" / "config.json").exists():
@@ -143,9 +143,10 @@ def start_eval_daemon(args: argparse.Namespace, overrides: list[str], phase_dir:
 def run_forced_length_eval_daemon(argv: list[str]) -> None:
     """bin/eval itself, with its engine swapped for the forced-length one (argv[0]: tokenizer dir)."""
     sys.path.insert(0, str(REPO / "bench"))
+    from eval_full import ForcedLengthEngine
+
     import eval_daemon.__main__ as daemon
     from eval_daemon.evaluate import load_eval_set
-    from eval_full import ForcedLengthEngine
 
     tokenizer_dir, argv = argv[0], argv[1:]
 
@@ -162,7 +163,7 @@ def run_forced_length_eval_daemon(argv: list[str]) -> None:
 
 def wait_for_records(phase_dir: Path, drain_s: float, eval_process: subprocess.Popen) -> bool:
     """True once every step in the manifest has its evaluated marker (written after the store commit)."""
-    from common.checkpoints import is_evaluated, read_manifest
+    from common.contract import is_evaluated, read_manifest
 
     run_dir = phase_dir / "results" / "checkpoints" / RUN_ID
     deadline = time.monotonic() + drain_s
@@ -195,7 +196,7 @@ def trainer_throughput(phase_dir: Path, skip: int) -> dict:
 
 
 def eval_lags(phase_dir: Path) -> list[dict]:
-    from common.store import connect_read_only
+    from common.store.schema import connect_read_only
 
     store = phase_dir / "results" / "results.duckdb"
     if not store.exists():

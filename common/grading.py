@@ -49,6 +49,12 @@ from common.boxed import last_boxed
 
 logger = logging.getLogger(__name__)
 
+# The category / failure-type vocabulary of every verdict, defined once (the store, the records and
+# the plots import it). Categories: correct (format 1, answer 1), wrong_answer (format 1, answer 0),
+# format_failure (format 0), whose type is the first missing piece, or incomplete_generation.
+CATEGORIES = ("correct", "wrong_answer", "format_failure")
+FORMAT_FAILURE_TYPES = ("missing_think_close", "missing_answer_open", "missing_answer_close", "incomplete_generation")
+
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "</think> <answer>"
 ANSWER_CLOSE = "</answer>"

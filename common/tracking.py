@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import now_iso
 from common.config import Config, to_dict
+from common.contract import now_iso
 
 logger = logging.getLogger(__name__)
 

@@ -30,16 +30,45 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.checkpoints import ManifestError, now_iso, read_sidecar
-from common.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, EvaluationConfig, add_config_arguments,
-                           load_config, to_dict)
+from common.config import (
+    CONFIG_ERROR_EXIT_CODE,
+    Config,
+    ConfigError,
+    EvaluationConfig,
+    add_config_arguments,
+    load_config,
+    to_dict,
+)
+from common.contract import (
+    Checkpoint,
+    ManifestError,
+    Sidecar,
+    WarnOnce,
+    checkpoint_from_argument,
+    now_iso,
+    read_sidecar,
+    scan_published,
+)
 from common.data import DatasetError
 from common.grading import Grader, GraderError
-from common.store import StoreError, eval_key, is_recorded, recorded_keys
-from eval_daemon.engines import CheckpointLoadError, GenerationEngine, Sampling, is_local, make_engine
+from common.store.schema import StoreError
+from common.store.writer import eval_key, is_recorded, recorded_keys
+from eval_daemon.engines.base import (
+    CheckpointLoadError,
+    GenerationEngine,
+    Sampling,
+    is_local,
+)
+from eval_daemon.engines.factory import make_engine
 from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation
-from eval_daemon.records import Trackers, commit_and_mark, file_timestamp, wandb_metrics, write_eval_files
-from eval_daemon.schedule import Checkpoint, WarnOnce, checkpoint_from_argument, pending, scan_published
+from eval_daemon.records import (
+    Trackers,
+    commit_and_mark,
+    file_timestamp,
+    wandb_metrics,
+    write_eval_files,
+)
+from eval_daemon.schedule import pending
 from eval_daemon.shutdown import Shutdown, StopSignal
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
 
@@ -277,7 +306,7 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
 
 def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result: EvalResult | None = None,
                    total_s: float | None = None, error: str | None = None) -> dict:
-    """The evaluations-table row (common.store) of an evaluation, ok or failed."""
+    """The evaluations-table row (common/store/writer.py) of an evaluation, ok or failed."""
     sidecar = _sidecar(checkpoint)
     row = {
         "run_id": checkpoint.run_id, "step": checkpoint.step, "eval_key": ctx.eval_key,
@@ -286,7 +315,7 @@ def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result
         "status": "failed" if result is None else "ok", "error": error,
         "engine": ctx.engine.name, "sampling": ctx.sampling.as_dict(), "config": to_dict(ctx.config),
         "published_at": checkpoint.published_at or None, "started_at": started_at, "finished_at": now_iso(),
-        "worker_id": ctx.worker_id, "run_config": sidecar.get("config"), "checkpoint_metrics": checkpoint.metrics,
+        "worker_id": ctx.worker_id, "run_config": sidecar.config if sidecar else None, "checkpoint_metrics": checkpoint.metrics,
     }
     if result is not None:
         row.update(result.metrics)
@@ -295,11 +324,11 @@ def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result
     return row
 
 
-def _sidecar(checkpoint: Checkpoint) -> dict:
+def _sidecar(checkpoint: Checkpoint) -> Sidecar | None:
     try:
         return read_sidecar(checkpoint.path)
     except ManifestError:  # a model that is not a published checkpoint (base model, hub id) has none
-        return {}
+        return None
 
 
 def _file_header(row: dict) -> dict:
@@ -309,7 +338,8 @@ def _file_header(row: dict) -> dict:
 
 
 def _wandb_group(ctx: Context, checkpoint: Checkpoint) -> str:
-    return str(_sidecar(checkpoint).get("wandb_group") or ctx.config.logging.wandb_group or "")
+    sidecar = _sidecar(checkpoint)
+    return (sidecar.wandb_group if sidecar else "") or ctx.config.logging.wandb_group or ""
 
 
 def _log_result(checkpoint: Checkpoint, result: EvalResult, row: dict) -> None:

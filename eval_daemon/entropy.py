@@ -15,7 +15,7 @@ holds the model (no second copy of the weights), at the end of the engine's gene
 
 The entropy is that of the model's own distribution (temperature 1, no top-p), averaged over the
 response's positions, then over responses. The method and the sample size are stored with each
-number. Used by eval_daemon/engines.py and eval_daemon/evaluate.py.
+number. Used by eval_daemon/engines/base.py and eval_daemon/evaluate.py.
 """
 
 from __future__ import annotations

@@ -18,14 +18,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.config import EvaluationConfig
-from common.data import MathExample, build_prompt, load_math, load_prompt_template, select_subset
+from common.data import (
+    MathExample,
+    build_prompt,
+    load_math,
+    load_prompt_template,
+    select_subset,
+)
 from common.grading import Grader
-from eval_daemon.engines import Generation, GenerationEngine, Sampling
+from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
 from eval_daemon.entropy import sample_indices
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES = ("correct", "wrong_answer", "format_failure")
 DEFAULT_TEST_SOURCE = "hendrycks/competition_math"
 MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
 

@@ -6,10 +6,10 @@ Order, so that a crash at any point leaves nothing half-written and nothing reco
    results/eval_logs/summary_eval_step_<N>_<ts>.json   eval_step, counts, accuracy, ... , timings
    results/analysis/summary_step_<N>.json              categorization, metrics, format_failure_analysis
    results/analysis/categories_step_<N>.json           the problems in each category
-2. the store commit (common.store.record_evaluation: one transaction): the point of truth. A crash
+2. the store commit (common/store/writer.py record_evaluation: one transaction): the point of truth. A crash
    before it means the checkpoint is evaluated again on restart (its files from the crashed attempt
    stay, with their own timestamp; the analysis files are overwritten).
-3. the marker (common.checkpoints.mark_evaluated) that lets the trainer's retention delete the step.
+3. the marker (common/contract.py mark_evaluated) that lets the trainer's retention delete the step.
 4. W&B / local metrics (best effort: a failure there never loses the evaluation).
 
 N is the checkpoint's training step. The analysis files are per step: two runs evaluated into the
@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
 
-from common.checkpoints import TEMP_PREFIX, atomic_write_json, fsync_dir
-from eval_daemon.evaluate import CATEGORIES
+from common.durable import atomic_write_json, atomic_write_text
+from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
 
 logger = logging.getLogger(__name__)
 
-FORMAT_FAILURE_TYPES = ("missing_think_close", "missing_answer_open", "missing_answer_close", "incomplete_generation")
 SUMMARY_KEYS = ("num_test_cases", "num_correct", "num_format_correct", "num_wrong_answer", "num_format_failure",
                 "accuracy", "format_accuracy", "avg_response_length", "avg_response_length_correct",
                 "avg_response_length_incorrect", "avg_token_entropy", "entropy_method", "entropy_sample_size")
@@ -93,17 +91,6 @@ def _percent(count: int, total: int) -> float:
     return round(100.0 * count / total, 2) if total else 0.0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a dot-prefixed temporary beside the target, fsync, rename into place."""
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def wandb_metrics(metrics: dict, gpu: dict) -> dict:
     """The eval/* and eval_gpu/* metrics logged to W&B for one checkpoint (None values left out)."""
     names = ("accuracy", "format_accuracy", "num_correct", "num_format_correct", "avg_response_length",
@@ -116,16 +103,16 @@ def wandb_metrics(metrics: dict, gpu: dict) -> dict:
 def commit_and_mark(store_path: Path, evaluation: dict, samples: list[dict], run_dir: Path | None) -> bool:
     """Steps 2 and 3: the store transaction, then the retention marker. False when another worker
     had already recorded this checkpoint for this eval key (nothing written to the store)."""
-    from common.checkpoints import mark_evaluated
-    from common.store import record_evaluation, record_failed_evaluation
+    from common.contract import Marker, mark_evaluated
+    from common.store.writer import record_evaluation, record_failed_evaluation
 
     if evaluation["status"] == "ok":
         committed = record_evaluation(store_path, evaluation, samples)
     else:
         committed = record_failed_evaluation(store_path, evaluation, evaluation["error"])
     if run_dir is not None:
-        mark_evaluated(run_dir, evaluation["step"], evaluation["eval_key"],
-                       {"status": evaluation["status"], "worker_id": evaluation["worker_id"]})
+        mark_evaluated(run_dir, Marker(step=evaluation["step"], eval_key=evaluation["eval_key"],
+                                       status=evaluation["status"], worker_id=evaluation["worker_id"]))
     return committed
 
 

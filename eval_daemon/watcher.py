@@ -1,7 +1,7 @@
 """Watch the checkpoints root for manifest updates and wake the eval loop.
 
 The trainer publishes a checkpoint by renaming a complete step directory into place and then
-replacing `<run>/manifest.json` (common/checkpoints.py). So the only event that means "new work"
+replacing `<run>/manifest.json` (common/contract.py). So the only event that means "new work"
 is manifest.json appearing under its final name: a move (os.replace of the temp file), or a create
 / close-after-write from a writer that does not use the contract's atomic replace. Step directories
 are never a trigger: they may still be being written. Events can be lost (inotify queue overflow,
@@ -22,7 +22,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from common.checkpoints import MANIFEST_NAME
+from common.contract import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ def write_math_layout(root: Path, splits=("train", "test")) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-weight Qwen2 model + tokenizer in a HF directory (built once per session)."""
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 

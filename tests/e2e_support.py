@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import load_config
-from common.store import StoreMissingError, connect_read_only
-from common.demo_inputs import DemoInputs, ensure_inputs
+from common.demo.inputs import DemoInputs, ensure_inputs
+from common.store.schema import StoreMissingError, connect_read_only
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "config" / "demo.yaml")
@@ -113,7 +113,7 @@ def evaluations(db: Path) -> list[tuple]:
 
 @dataclass
 class ReaderLoop:
-    """Runs `python -m common.query` (what bin/query execs) in a loop until stopped, recording
+    """Runs `python -m common.store.query` (what bin/query execs) in a loop until stopped, recording
     each result: what a user watching the store with bin/query would see."""
     db: Path
     results: list[dict] = field(default_factory=list)
@@ -139,7 +139,7 @@ class ReaderLoop:
         while not self._stop.is_set():
             if self.db.exists():  # before the first evaluation there is no store, by design
                 try:
-                    done = run("common.query", ["--db", str(self.db), "--format", "json", self.sql], timeout=60)
+                    done = run("common.store.query", ["--db", str(self.db), "--format", "json", self.sql], timeout=60)
                 except subprocess.TimeoutExpired:  # a reader that hangs is a failure too
                     self.results.append({"code": "timeout", "stderr": "", "row": None})
                     continue

@@ -15,7 +15,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.store import FORMAT_FAILURE_TYPES, eval_key, record_evaluation, record_failed_evaluation
+from common.store.schema import FORMAT_FAILURE_TYPES
+from common.store.writer import eval_key, record_evaluation, record_failed_evaluation
 
 SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
             "prealgebra", "precalculus")

@@ -12,10 +12,10 @@ import subprocess
 import sys
 
 import pytest
-
-from common.plots import draw_accuracy, load_series, save_charts
-from common.store import FORMAT_FAILURE_TYPES, connect_read_only
 from test_eval_daemon import REPO, daemon_args, publish_model
+
+from common.store.plots import draw_accuracy, load_series, save_charts
+from common.store.schema import FORMAT_FAILURE_TYPES, connect_read_only
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def evaluated_store(tmp_path_factory, tiny_model_dir):
 
 
 def query_json(db, sql: str) -> list[dict]:
-    result = subprocess.run([sys.executable, "-m", "common.query", "--db", str(db), "--format", "json", sql],
+    result = subprocess.run([sys.executable, "-m", "common.store.query", "--db", str(db), "--format", "json", sql],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -93,7 +93,7 @@ def test_plots_draw_the_store_values(evaluated_store, tmp_path):
 
 def test_a_write_statement_is_refused(evaluated_store):
     _work, db = evaluated_store
-    result = subprocess.run([sys.executable, "-m", "common.query", "--db", str(db), "DELETE FROM samples"],
+    result = subprocess.run([sys.executable, "-m", "common.store.query", "--db", str(db), "DELETE FROM samples"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert query_json(db, "SELECT count(*) AS n FROM samples")[0]["n"] == 14

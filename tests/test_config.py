@@ -1,7 +1,5 @@
 """Config loading: typed, validated before anything heavy, one-line errors naming key and file."""
 
-import subprocess
-import sys
 
 import pytest
 

@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from e2e_support import DEMO_CONFIG, build_inputs, demo_paths, evaluations, run
 
 pytestmark = pytest.mark.slow
 
-ENTRY_POINTS = ["train_daemon", "eval_daemon", "common.demo_run"]  # what bin/train, bin/eval and bin/demo exec
+ENTRY_POINTS = ["train_daemon", "eval_daemon", "common.demo.run"]  # what bin/train, bin/eval and bin/demo exec
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,22 @@ import subprocess
 import sys
 
 import pytest
+from e2e_support import (
+    DEMO_CONFIG,
+    REPO,
+    TEST_INPUTS,
+    demo_paths,
+    environment,
+    evaluations,
+)
 
 from common.config import load_config
-from common.demo_follow import LineFollower, loss_line, shown
-from common.demo_inputs import STAMP_NAME, ensure_inputs
-from common.demo_run import DemoFailed, check_learning
-from e2e_support import DEMO_CONFIG, REPO, TEST_INPUTS, demo_paths, environment, evaluations
+from common.demo.follow import LineFollower, loss_line, shown
+from common.demo.inputs import STAMP_NAME, ensure_inputs
+from common.demo.run import DemoFailed, check_learning
 
 
-def run_demo(tmp_path, *overrides: str, command: tuple[str, ...] = (sys.executable, "-m", "common.demo_run"),
+def run_demo(tmp_path, *overrides: str, command: tuple[str, ...] = (sys.executable, "-m", "common.demo.run"),
              timeout: float = 420) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *demo_paths(tmp_path), *overrides], cwd=REPO, env=environment(),
                           capture_output=True, text=True, timeout=timeout)

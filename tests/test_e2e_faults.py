@@ -22,9 +22,17 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e_support import (
+    DEMO_CONFIG,
+    TEST_INPUTS,
+    Proc,
+    ReaderLoop,
+    build_inputs,
+    demo_paths,
+    evaluations,
+)
 
-from common.checkpoints import read_manifest
-from e2e_support import DEMO_CONFIG, TEST_INPUTS, Proc, ReaderLoop, build_inputs, demo_paths, evaluations
+from common.contract import read_manifest
 
 pytestmark = pytest.mark.slow
 

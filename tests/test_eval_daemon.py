@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoints import MANIFEST_NAME, marker_path, publish_checkpoint
-from common.store import connect_read_only
+from common.contract import MANIFEST_NAME, Sidecar, marker_path, publish_checkpoint
+from common.store.schema import connect_read_only
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def publish_model(root: Path, run_id: str, step: int, base_model: Path, noise_se
             weights = tmp / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
-    sidecar = {"run_id": run_id, "step": step, "wandb_group": f"group-{run_id}", "config": {"training": {"seed": 1}}}
+    sidecar = Sidecar(run_id=run_id, step=step, wandb_group=f"group-{run_id}", config={"training": {"seed": 1}})
     return publish_checkpoint(root / run_id, run_id, step, write, sidecar, {"train/loss": 1.0 / max(step, 1)})
 
 

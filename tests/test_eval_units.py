@@ -15,25 +15,42 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoints import MANIFEST_NAME, marker_path, publish_checkpoint
+from common.contract import (
+    MANIFEST_NAME,
+    Checkpoint,
+    Sidecar,
+    WarnOnce,
+    checkpoint_from_argument,
+    marker_path,
+    publish_checkpoint,
+    scan_published,
+)
 from common.data import load_math
 from common.grading import Grader
-from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, check_model_dir,
-                                 model_fingerprint)
-from eval_daemon.entropy import entropy_from_top_logprobs, mean_entropy_from_logits, sample_indices
+from eval_daemon.engines.base import (
+    CheckpointLoadError,
+    Generation,
+    Sampling,
+    check_model_dir,
+    model_fingerprint,
+)
+from eval_daemon.engines.hf import HfEngine
+from eval_daemon.entropy import (
+    entropy_from_top_logprobs,
+    mean_entropy_from_logits,
+    sample_indices,
+)
 from eval_daemon.evaluate import EvalSet, run_evaluation
-from eval_daemon.hf_engine import HfEngine
 from eval_daemon.records import commit_and_mark, write_eval_files
-from eval_daemon.schedule import Checkpoint, WarnOnce, checkpoint_from_argument, pending, scan_published
+from eval_daemon.schedule import pending
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
-
 
 
 def _publish_dummy(root: Path, run_id: str, step: int) -> Path:
     """A published checkpoint whose 'model' is one small file (the schedule never loads it)."""
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text("{}")
-    return publish_checkpoint(root / run_id, run_id, step, write, {"run_id": run_id, "step": step}, {"loss": 1.0})
+    return publish_checkpoint(root / run_id, run_id, step, write, Sidecar(run_id=run_id, step=step), {"loss": 1.0})
 
 
 # ---- schedule ------------------------------------------------------------------------------------
@@ -125,7 +142,7 @@ def test_flat_logprobs_entropies_equal_the_per_position_dicts():
 
     from vllm.logprobs import FlatLogprobs, Logprob
 
-    from eval_daemon.engines import _position_entropies
+    from eval_daemon.engines.vllm import _position_entropies
 
     rng = random.Random(0)
     flat, dicts = FlatLogprobs(), []
@@ -251,7 +268,7 @@ def test_evaluation_categories_files_and_store(tmp_path, math_dir):
     assert [c["problem_id"] for c in cats["wrong_answer"]] == [examples[3].problem_id, examples[6].problem_id]
     assert not list(tmp_path.rglob(".tmp-*"))
 
-    from common.store import connect_read_only
+    from common.store.schema import connect_read_only
 
     run_dir = tmp_path / "checkpoints" / "r"
     row = {**header, "status": "ok", "worker_id": "w", **result.metrics, "sampling": sampling.as_dict()}
@@ -399,7 +416,7 @@ def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypat
 
 def test_hf_engine_entropy_is_the_same_in_any_batching(tiny_model_dir, monkeypatch):
     """Token entropy per response does not depend on how responses are batched (padding, order)."""
-    import eval_daemon.hf_engine as hf_engine
+    import eval_daemon.engines.hf as hf_engine
 
     engine = HfEngine("cpu", "float32", batch_size=8, max_model_len=512, seed=0, tokenizer_fallback="")
     engine.load(str(tiny_model_dir))

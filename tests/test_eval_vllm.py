@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from common.store import connect_read_only
 from conftest import require_vllm
 from test_eval_daemon import daemon_args, publish_model, run_daemon
+
+from common.store.schema import connect_read_only
 
 
 def _responses(db: Path, step: int) -> tuple[list[str], list[str], list]:
@@ -26,7 +26,8 @@ def _responses(db: Path, step: int) -> tuple[list[str], list[str], list]:
 @pytest.mark.slow
 def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(tmp_path, tiny_model_dir, math_dir):
     require_vllm()
-    from eval_daemon.engines import Sampling, VllmEngine
+    from eval_daemon.engines.base import Sampling
+    from eval_daemon.engines.vllm import VllmEngine
 
     checkpoints, db = tmp_path / "results" / "checkpoints", tmp_path / "results" / "results.duckdb"
     step_10 = publish_model(checkpoints, "run_v", 10, tiny_model_dir, noise_seed=None)  # the tiny model itself

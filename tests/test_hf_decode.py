@@ -1,11 +1,11 @@
-"""The Hugging Face engine's batch decoding loop (eval_daemon/hf_decode.py) against model.generate."""
+"""The Hugging Face engine's batch decoding loop (eval_daemon/engines/hf_decode.py) against model.generate."""
 
 import pytest
 import torch
 
-import eval_daemon.hf_decode as hf_decode
-from eval_daemon.engines import Sampling
-from eval_daemon.hf_engine import HfEngine, _even_batch_size
+import eval_daemon.engines.hf_decode as hf_decode
+from eval_daemon.engines.base import Sampling
+from eval_daemon.engines.hf import HfEngine, _even_batch_size
 
 PROMPTS = ["What is $2+3$? <think>", "hello", "The answer is <answer> 5", "x", "a much longer prompt " * 5]
 

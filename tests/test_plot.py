@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt
 import pytest
 from store_fixtures import SUBJECTS, fill_synthetic_store
 
-from common import plots, store
-from common.query import run_query
+from common import grading
+from common.store import plots, writer
+from common.store.query import run_query
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +35,7 @@ def view(db: Path, name: str) -> list[dict]:
 
 def plot(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "common.plots", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "common.store.plots", *args], capture_output=True, text=True,
                           env=env, cwd=REPO_ROOT, timeout=300)
 
 
@@ -88,7 +89,7 @@ def test_line_charts_draw_the_stored_values(filled, runs):
     for ax, run in zip(panels, expected_runs):
         rows = [r for r in view(db, "format_failures") if r["run_id"] == run]
         drawn = lines_by_label(ax)
-        for kind in store.FORMAT_FAILURE_TYPES:
+        for kind in grading.FORMAT_FAILURE_TYPES:
             assert same(drawn[kind.replace("_", " ")][1], [r[kind] for r in rows])
         assert same(drawn["all format failures"][1], [r["num_format_failure"] for r in rows])
     plt.close(fig)
@@ -172,7 +173,7 @@ def test_summary_into_a_closed_pipe_is_quiet(filled):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        done = subprocess.run([sys.executable, "-m", "common.plots", "--db", str(filled.db_path), "--summary"],
+        done = subprocess.run([sys.executable, "-m", "common.store.plots", "--db", str(filled.db_path), "--summary"],
                               stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, timeout=300,
                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     finally:
@@ -208,11 +209,11 @@ def test_a_single_evaluation_and_missing_entropy_still_draw(tmp_path):
     (evaluation,), (samples,) = generated.evaluations.values(), generated.samples.values()
     # A second eval config of the same run, without entropy: labels name the config.
     evaluation = {**evaluation, "eval_key": "math500-x", "eval_set": "math500", "avg_token_entropy": None}
-    store.record_evaluation(db, evaluation, [{**s, "token_entropy": None} for s in samples])
+    writer.record_evaluation(db, evaluation, [{**s, "token_entropy": None} for s in samples])
     series = plots.load_series(db)
     assert [s.label for s in series] == [f"run_a [{s.eval_key}]" for s in series]
     fig = plots.draw_metrics(series)
-    assert fig.axes[1].get_title().endswith(f"not recorded for run_a [math500-x]")
+    assert fig.axes[1].get_title().endswith("not recorded for run_a [math500-x]")
     assert [line.get_label() for line in fig.axes[1].get_lines()] == [series[0].label]
     plt.close(fig)
     assert len(plots.save_charts(series, tmp_path / "out")) == 5

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from store_fixtures import fill_synthetic_store
 
-from common import store
-from common.query import run_query
+from common.store import schema
+from common.store.query import run_query
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC = REPO_ROOT / "README.md"
@@ -38,7 +38,7 @@ def env() -> dict:
 
 def query(*args: str) -> subprocess.CompletedProcess:
     """The real tool in its own process (bin/query runs exactly this after setting up the venv)."""
-    return subprocess.run([sys.executable, "-m", "common.query", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "common.store.query", *args], capture_output=True, text=True,
                           env=env(), cwd=REPO_ROOT, timeout=120)
 
 
@@ -92,13 +92,13 @@ def test_list_shows_every_view_with_its_description():
     result = query("--list")
     assert result.returncode == 0
     listed = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()}
-    assert listed == {name: description for name, (description, _) in store.VIEWS.items()}
+    assert listed == {name: description for name, (description, _) in schema.VIEWS.items()}
 
 
 def query_into_head(*args: str) -> tuple[subprocess.CompletedProcess, bytes]:
-    """`python -m common.query ARGS | head -c 1`: the reader takes one byte and exits, closing the pipe
+    """`python -m common.store.query ARGS | head -c 1`: the reader takes one byte and exits, closing the pipe
     while the tool is still writing; returns the tool's exit code and stderr, and what head printed."""
-    tool = subprocess.Popen([sys.executable, "-m", "common.query", *args], stdout=subprocess.PIPE,
+    tool = subprocess.Popen([sys.executable, "-m", "common.store.query", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env(), cwd=REPO_ROOT)
     head = subprocess.Popen(["head", "-c", "1"], stdin=tool.stdout, stdout=subprocess.PIPE)
     tool.stdout.close()  # only head holds the read end now: its exit closes the pipe
@@ -114,7 +114,7 @@ def query_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, "-m", "common.query", *args], stdout=write_end,
+        return subprocess.run([sys.executable, "-m", "common.store.query", *args], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, env=env(), cwd=REPO_ROOT, timeout=120)
     finally:
         os.close(write_end)
@@ -321,7 +321,7 @@ def test_every_bin_query_command_in_the_docs_runs(filled):
 
 WRITER = textwrap.dedent("""
     import sys
-    from common.store import record_evaluation
+    from common.store.writer import record_evaluation
     from store_fixtures import summarise, synthetic_samples
     db, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     for step in range(1, count + 1):

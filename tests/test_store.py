@@ -17,9 +17,16 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from store_fixtures import EVAL_KEY, SAMPLING, fill_synthetic_store, summarise, synthetic_samples
+from store_fixtures import (
+    EVAL_KEY,
+    SAMPLING,
+    fill_synthetic_store,
+    summarise,
+    synthetic_samples,
+)
 
-from common import store
+from common import grading
+from common.store import schema, writer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +37,7 @@ def filled(tmp_path_factory):
 
 
 def rows(db: Path, sql: str, params=()) -> list[dict]:
-    with store.connect_read_only(db) as con:
+    with schema.connect_read_only(db) as con:
         result = con.execute(sql, params)
         names = [column[0] for column in result.description]
         return [dict(zip(names, row)) for row in result.fetchall()]
@@ -49,22 +56,22 @@ def python_env() -> dict:
 
 
 def test_eval_key_is_stable_readable_and_distinguishes_configs():
-    key = store.eval_key("math", SAMPLING, 0, 0)
+    key = writer.eval_key("math", SAMPLING, 0, 0)
     assert re.fullmatch(r"math-t1\.0-p1\.0-m1024-[0-9a-f]{8}", key)
     # Same config written with ints instead of floats, keys in another order: same key.
     reordered = {"max_tokens": 1024, "top_p": 1, "temperature": 1, "stop": ["</answer>"]}
-    assert store.eval_key("math", reordered, 0, 0) == key
+    assert writer.eval_key("math", reordered, 0, 0) == key
     others = {
-        store.eval_key("math500", SAMPLING, 0, 0),
-        store.eval_key("math", {**SAMPLING, "temperature": 0.6}, 0, 0),
-        store.eval_key("math", {**SAMPLING, "max_tokens": 2048}, 0, 0),
-        store.eval_key("math", {**SAMPLING, "stop": []}, 0, 0),
-        store.eval_key("math", SAMPLING, 500, 0),
-        store.eval_key("math", SAMPLING, 500, 1),
+        writer.eval_key("math500", SAMPLING, 0, 0),
+        writer.eval_key("math", {**SAMPLING, "temperature": 0.6}, 0, 0),
+        writer.eval_key("math", {**SAMPLING, "max_tokens": 2048}, 0, 0),
+        writer.eval_key("math", {**SAMPLING, "stop": []}, 0, 0),
+        writer.eval_key("math", SAMPLING, 500, 0),
+        writer.eval_key("math", SAMPLING, 500, 1),
     }
     assert key not in others and len(others) == 6
-    assert store.eval_key("math", SAMPLING, 500, 1).startswith("math-t1.0-p1.0-m1024-n500-")
-    assert re.fullmatch(r"[A-Za-z0-9_.-]+", store.eval_key("MATH/500 test", SAMPLING, 0, 0))  # safe in file names
+    assert writer.eval_key("math", SAMPLING, 500, 1).startswith("math-t1.0-p1.0-m1024-n500-")
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", writer.eval_key("MATH/500 test", SAMPLING, 0, 0))  # safe in file names
 
 
 # ---- writing and reading back --------------------------------------------------------------------
@@ -100,28 +107,28 @@ def test_evaluation_and_samples_round_trip(filled):
 def test_recording_twice_writes_nothing_the_second_time(tmp_path):
     db = tmp_path / "results.duckdb"
     evaluation, samples = one_evaluation()
-    assert not store.is_recorded(db, "run_x", 0, EVAL_KEY)
-    assert store.record_evaluation(db, evaluation, samples) is True
-    assert store.is_recorded(db, "run_x", 0, EVAL_KEY)
-    assert store.record_evaluation(db, evaluation, samples) is False
-    assert store.record_failed_evaluation(db, evaluation, "late failure") is False
+    assert not writer.is_recorded(db, "run_x", 0, EVAL_KEY)
+    assert writer.record_evaluation(db, evaluation, samples) is True
+    assert writer.is_recorded(db, "run_x", 0, EVAL_KEY)
+    assert writer.record_evaluation(db, evaluation, samples) is False
+    assert writer.record_failed_evaluation(db, evaluation, "late failure") is False
     assert rows(db, "SELECT count(*) AS n FROM samples")[0]["n"] == len(samples)
     assert rows(db, "SELECT count(*) AS n FROM evaluations")[0]["n"] == 1
-    assert store.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
+    assert writer.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
 
 
 def test_failed_evaluation_is_recorded_kept_out_of_views_and_replaced_by_a_success(tmp_path):
     db = tmp_path / "results.duckdb"
     evaluation, samples = one_evaluation(step=50)
     failed = {k: evaluation[k] for k in ("run_id", "step", "eval_key", "eval_set", "sampling")}
-    assert store.record_failed_evaluation(db, failed, "vLLM engine died") is True
-    assert store.is_recorded(db, "run_x", 50, EVAL_KEY)
-    assert ("run_x", 50, EVAL_KEY) in store.recorded_keys(db)
+    assert writer.record_failed_evaluation(db, failed, "vLLM engine died") is True
+    assert writer.is_recorded(db, "run_x", 50, EVAL_KEY)
+    assert ("run_x", 50, EVAL_KEY) in writer.recorded_keys(db)
     [row] = rows(db, "SELECT status, error, accuracy FROM evaluations")
     assert row == {"status": "failed", "error": "vLLM engine died", "accuracy": None}
     assert rows(db, "SELECT * FROM progress") == [] and rows(db, "SELECT * FROM run_compare") == []
     # A retry that succeeds replaces the failure (and only then are samples stored).
-    assert store.record_evaluation(db, evaluation, samples) is True
+    assert writer.record_evaluation(db, evaluation, samples) is True
     [row] = rows(db, "SELECT status, error, accuracy FROM evaluations")
     assert row == {"status": "ok", "error": None, "accuracy": pytest.approx(evaluation["accuracy"])}
     assert len(rows(db, "SELECT * FROM progress")) == 1
@@ -132,7 +139,7 @@ def test_missing_entropy_is_stored_as_null(tmp_path):
     evaluation, samples = one_evaluation()
     samples[0]["token_entropy"] = math.nan
     evaluation["avg_token_entropy"] = math.nan
-    store.record_evaluation(db, evaluation, samples)
+    writer.record_evaluation(db, evaluation, samples)
     assert rows(db, "SELECT avg_token_entropy FROM progress") == [{"avg_token_entropy": None}]
     assert rows(db, "SELECT count(token_entropy) AS n FROM samples")[0]["n"] == sum(
         s["token_entropy"] is not None for s in samples) - 1
@@ -144,7 +151,7 @@ def test_numpy_numbers_are_stored_as_numbers(tmp_path):
     evaluation, samples = one_evaluation()
     evaluation.update(step=np.int64(0), accuracy=np.float64(0.25), num_correct=np.int64(3))
     samples[0].update(token_entropy=np.float32(0.5), response_length=np.int64(7), level=np.int32(2))
-    assert store.record_evaluation(db, evaluation, samples)
+    assert writer.record_evaluation(db, evaluation, samples)
     assert rows(db, "SELECT step, accuracy, num_correct FROM evaluations") == [
         {"step": 0, "accuracy": 0.25, "num_correct": 3}]
     [first] = rows(db, "SELECT token_entropy, response_length, level FROM samples WHERE problem_id = ?",
@@ -165,11 +172,11 @@ def test_numpy_numbers_are_stored_as_numbers(tmp_path):
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, break_it, message):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     evaluation, samples = one_evaluation(step=50)
     break_it(evaluation, samples)
-    with pytest.raises(store.StoreError, match=message) as error:
-        store.record_evaluation(db, evaluation, samples)
+    with pytest.raises(schema.StoreError, match=message) as error:
+        writer.record_evaluation(db, evaluation, samples)
     assert "\n" not in str(error.value)
     assert rows(db, "SELECT step FROM evaluations") == [{"step": 0}]
     assert rows(db, "SELECT count(*) AS n FROM samples WHERE step = 50")[0]["n"] == 0
@@ -183,23 +190,23 @@ def test_schema_version_and_views_are_in_the_file(filled):
     con = duckdb.connect(str(filled.db_path), read_only=True)
     try:
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == (str(store.SCHEMA_VERSION),)
+        assert version == (str(schema.SCHEMA_VERSION),)
         views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
         described = dict(con.execute("SELECT name, description FROM view_descriptions").fetchall())
     finally:
         con.close()
-    assert views == set(store.VIEWS) == set(described)
+    assert views == set(schema.VIEWS) == set(described)
     assert all(described.values())
 
 
 def test_a_store_of_another_schema_version_is_refused(tmp_path):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     con = duckdb.connect(str(db))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(store.StoreError, match="schema version 99, this code writes version 1; move the file aside"):
-        store.record_evaluation(db, *one_evaluation(step=50))
+    with pytest.raises(schema.StoreError, match="schema version 99, this code writes version 1; move the file aside"):
+        writer.record_evaluation(db, *one_evaluation(step=50))
 
 
 def test_views_agree_with_the_samples(filled):
@@ -224,8 +231,8 @@ def test_views_agree_with_the_samples(filled):
 
     for row in rows(db, "SELECT * FROM format_failures"):
         kinds = Counter(s["format_failure_type"] for s in filled.samples[(row["run_id"], row["step"])])
-        assert {k: row[k] for k in store.FORMAT_FAILURE_TYPES} == {k: kinds[k] for k in store.FORMAT_FAILURE_TYPES}
-        assert row["num_format_failure"] == sum(kinds[k] for k in store.FORMAT_FAILURE_TYPES)
+        assert {k: row[k] for k in grading.FORMAT_FAILURE_TYPES} == {k: kinds[k] for k in grading.FORMAT_FAILURE_TYPES}
+        assert row["num_format_failure"] == sum(kinds[k] for k in grading.FORMAT_FAILURE_TYPES)
 
     compare = {r["run_id"]: r for r in rows(db, "SELECT * FROM run_compare")}
     for run_id in ("run_a", "run_b"):
@@ -240,10 +247,10 @@ def test_views_agree_with_the_samples(filled):
 
 def test_no_store_yet(tmp_path):
     db = tmp_path / "results.duckdb"
-    assert store.recorded_keys(db) == set()
-    assert store.is_recorded(db, "run", 0, EVAL_KEY) is False
-    with pytest.raises(store.StoreMissingError, match="eval daemon .* creates it .* --db"):
-        with store.connect_read_only(db):
+    assert writer.recorded_keys(db) == set()
+    assert writer.is_recorded(db, "run", 0, EVAL_KEY) is False
+    with pytest.raises(schema.StoreMissingError, match="eval daemon .* creates it .* --db"):
+        with schema.connect_read_only(db):
             pass
     assert not db.exists()
 
@@ -267,10 +274,10 @@ def hold_open(db: Path, read_only: bool, seconds: float) -> subprocess.Popen:
 
 def test_writer_waits_while_a_reader_holds_the_file(tmp_path):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     holder = hold_open(db, read_only=True, seconds=1.5)
     start = time.monotonic()
-    assert store.record_evaluation(db, *one_evaluation(step=50))
+    assert writer.record_evaluation(db, *one_evaluation(step=50))
     assert time.monotonic() - start > 0.5  # it really had to wait
     holder.wait(timeout=10)
     assert {r["step"] for r in rows(db, "SELECT step FROM evaluations")} == {0, 50}
@@ -278,49 +285,49 @@ def test_writer_waits_while_a_reader_holds_the_file(tmp_path):
 
 def test_reader_waits_while_the_writer_holds_the_file(tmp_path):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     holder = hold_open(db, read_only=False, seconds=1.0)
-    assert store.is_recorded(db, "run_x", 0, EVAL_KEY)
+    assert writer.is_recorded(db, "run_x", 0, EVAL_KEY)
     holder.wait(timeout=10)
 
 
 def test_a_file_held_too_long_gives_one_line_naming_the_holder(tmp_path):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     holder = hold_open(db, read_only=True, seconds=3)
     try:
-        with pytest.raises(store.StoreBusyError, match=rf"stayed busy .*PID {holder.pid}.*close any duckdb shell"):
-            store.record_evaluation(db, *one_evaluation(step=50), timeout_s=0.5)
+        with pytest.raises(schema.StoreBusyError, match=rf"stayed busy .*PID {holder.pid}.*close any duckdb shell"):
+            writer.record_evaluation(db, *one_evaluation(step=50), timeout_s=0.5)
     finally:
         holder.kill()
         holder.wait()
-    assert store.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
+    assert writer.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
 
 
 def test_writer_killed_mid_transaction_leaves_nothing(tmp_path):
     db = tmp_path / "results.duckdb"
-    store.record_evaluation(db, *one_evaluation(step=0))
+    writer.record_evaluation(db, *one_evaluation(step=0))
     # A writer that stops between inserting the samples and committing (kill -9 lands there).
     code = textwrap.dedent(f"""
         import time
-        from common import store
+        from common.store import schema, writer
         from store_fixtures import summarise, synthetic_samples
-        insert = store._insert_samples
+        insert = writer._insert_samples
         def insert_then_hang(con, table):
             insert(con, table)
             print("inserted", flush=True)
             time.sleep(60)
-        store._insert_samples = insert_then_hang
+        writer._insert_samples = insert_then_hang
         samples = synthetic_samples("run_x", 50, 12)
-        store.record_evaluation({str(db)!r}, summarise("run_x", 50, samples), samples)
+        writer.record_evaluation({str(db)!r}, summarise("run_x", 50, samples), samples)
     """)
-    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env())
-    assert writer.stdout.readline().strip() == "inserted"
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
-    assert store.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
+    killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env())
+    assert killed.stdout.readline().strip() == "inserted"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert writer.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
     assert rows(db, "SELECT count(*) AS n FROM samples WHERE step = 50")[0]["n"] == 0
     assert rows(db, "SELECT count(*) AS n FROM checkpoints WHERE step = 50")[0]["n"] == 0
     # The next writer records that evaluation normally.
-    assert store.record_evaluation(db, *one_evaluation(step=50))
+    assert writer.record_evaluation(db, *one_evaluation(step=50))
     assert rows(db, "SELECT count(*) AS n FROM samples WHERE step = 50")[0]["n"] == 12

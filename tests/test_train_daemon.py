@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.checkpoints import read_manifest, read_sidecar
+from common.contract import read_manifest, read_sidecar
 from train_daemon.publisher import TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +115,8 @@ def test_run_publishes_step_0_then_every_eval_every_steps_and_each_loads(referen
         directory = run_dir / entry.path
         model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
         sidecar = read_sidecar(directory)
-        assert sidecar["step"] == entry.step and sidecar["wandb_group"] == "ref"
-        assert sidecar["config"]["training"]["run_id"] == "ref" and sidecar["config"]["model"]["max_seq_length"] == 256
+        assert sidecar.step == entry.step and sidecar.wandb_group == "ref"
+        assert sidecar.config["training"]["run_id"] == "ref" and sidecar.config["model"]["max_seq_length"] == 256
         same_as_base = torch.equal(model.state_dict()["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
         assert same_as_base == (entry.step == 0)  # step 0 is the base model; training changes the rest
     assert manifest.checkpoints[0].metrics["tokens_seen"] == 0

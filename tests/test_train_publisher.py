@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.checkpoints import mark_evaluated, read_manifest, read_sidecar
+from common.contract import Marker, Sidecar, mark_evaluated, read_manifest, read_sidecar
 from train_daemon import publisher as publisher_module
 from train_daemon.publisher import TEST_DELAY_ENV, CheckpointPublisher
 
@@ -32,7 +32,7 @@ def _publisher(tmp_path, model, tokenizer, keep_last=0):
 
 def _publish(publisher, model, step):
     metrics = {"train_loss": 1.0 / (step + 1), "learning_rate": 1e-5, "tokens_seen": step * 10, "epoch": step / 10}
-    publisher.publish(model, step, {"step": step, "wandb_group": "g", **metrics}, metrics)
+    publisher.publish(model, step, Sidecar(run_id="r", step=step, wandb_group="g", metrics=metrics), metrics)
 
 
 def test_published_checkpoint_is_a_complete_model_dir_with_sidecar(tmp_path, model, tokenizer):
@@ -45,7 +45,7 @@ def test_published_checkpoint_is_a_complete_model_dir_with_sidecar(tmp_path, mod
         torch.testing.assert_close(loaded.state_dict()[name], tensor, msg=name)
     assert AutoTokenizer.from_pretrained(directory).eos_token == tokenizer.eos_token
     assert (directory / "generation_config.json").exists()
-    assert read_sidecar(directory)["wandb_group"] == "g"
+    assert read_sidecar(directory).wandb_group == "g"
     assert read_manifest(tmp_path / "ckpt").checkpoints[0].metrics["tokens_seen"] == 0
 
 
@@ -107,7 +107,7 @@ def test_retention_runs_after_each_publish_and_spares_unevaluated_steps(tmp_path
     for step in (0, 10):
         _publish(publisher, model, step)
         publisher.wait()
-    mark_evaluated(tmp_path / "ckpt", 10, "k", {})
+    mark_evaluated(tmp_path / "ckpt", Marker(step=10, eval_key="k", status="ok"))
     _publish(publisher, model, 20)
     publisher.wait()
     # 0 was never evaluated: kept; 10 was evaluated and is not among the newest 1: deleted.

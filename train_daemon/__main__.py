@@ -6,7 +6,7 @@
 Reads top to bottom: parse and validate -> load -> resume -> train loop -> clean up. Start-up
 problems (config, dataset, model path, resume state) exit 2 with one line on stderr. SIGTERM and
 Ctrl-C finish the current step, save resume state and wait for the in-flight publish (exit 0).
-Filesystem contract: common/checkpoints.py; run directory layout: train_daemon/run.py.
+Filesystem contract: common/contract.py; run directory layout: train_daemon/run.py.
 """
 
 from __future__ import annotations
@@ -18,16 +18,40 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common.checkpoints import is_evaluated, load_or_new_manifest, remove_stale_temp_dirs
-from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config, to_dict
+from common.config import (
+    CONFIG_ERROR_EXIT_CODE,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    to_dict,
+)
+from common.contract import (
+    Sidecar,
+    is_evaluated,
+    load_or_new_manifest,
+    remove_stale_temp_dirs,
+)
 from common.data import DatasetError
 from common.tracking import start_tracking
 from train_daemon.batching import ExampleStream, build_micro_batches, tokenize_pairs
-from train_daemon.loading import check_model_source, choose_device, load_model, load_tokenizer, load_training_pairs
+from train_daemon.loading import (
+    check_model_source,
+    choose_device,
+    load_model,
+    load_tokenizer,
+    load_training_pairs,
+)
 from train_daemon.metrics import LogWindow
 from train_daemon.publisher import CheckpointPublisher
-from train_daemon.resume import (ResumeError, ResumeWriter, TrainerState, load_resume_state,
-                                 remove_stale_resume_temps, trim_log)
+from train_daemon.resume import (
+    ResumeError,
+    ResumeWriter,
+    TrainerState,
+    load_resume_state,
+    remove_stale_resume_temps,
+    trim_log,
+)
 from train_daemon.run import Run, resolve_run, write_run_files
 from train_daemon.schedule import make_scheduler, total_optimizer_steps
 from train_daemon.shutdown import StopRequest
@@ -168,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sidecar(config: Config, run: Run, step: int, metrics: dict) -> dict:
+def _sidecar(config: Config, run: Run, step: int, metrics: dict) -> Sidecar:
     """checkpoint.json: what the eval daemon and the analysis need to know about a checkpoint."""
-    return {"run_id": run.run_id, "step": step, "run_name": run.run_name, "wandb_group": run.wandb_group,
-            "base_model": config.model.name_or_path, **metrics, "config": to_dict(config)}
+    return Sidecar(run_id=run.run_id, step=step, run_name=run.run_name, wandb_group=run.wandb_group,
+                   base_model=config.model.name_or_path, metrics=metrics, config=to_dict(config))
 
 
 if __name__ == "__main__":

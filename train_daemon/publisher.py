@@ -2,7 +2,7 @@
 
 Used by `bin/train`. `publish()` copies the weights to host memory (train_daemon.background),
 then a background thread writes a complete Hugging Face model directory with
-common.checkpoints.publish_checkpoint (temp dir, fsync, rename, manifest) and applies retention. At most one write is in flight: a publish that finds the previous one still
+common.contract.publish_checkpoint (temp dir, fsync, rename, manifest) and applies retention. At most one write is in flight: a publish that finds the previous one still
 writing waits for it, and logs how long training stalled.
 
 A failed write (disk full, permissions) is logged as one ERROR line and recorded in
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from common.checkpoints import ManifestError, apply_retention, publish_checkpoint
+from common.contract import ManifestError, Sidecar, apply_retention, publish_checkpoint
 from train_daemon.background import BackgroundWriter, copy_to_host
 from train_daemon.weights import unique_state_dict
 
@@ -47,7 +47,7 @@ class CheckpointPublisher:
         self._writer = BackgroundWriter("publish")
         self._buffers: dict[str, torch.Tensor] = {}  # pinned host copies, reused across publishes
 
-    def publish(self, model, step: int, sidecar: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def publish(self, model, step: int, sidecar: Sidecar, metrics: dict[str, Any]) -> None:
         """Snapshot the weights now; write them in the background."""
         stalled = self.wait()
         if stalled > 0.1:
@@ -64,7 +64,7 @@ class CheckpointPublisher:
     def _dtype(self, tensor: torch.Tensor) -> torch.dtype:
         return self.save_dtype if tensor.is_floating_point() else tensor.dtype
 
-    def _write(self, step: int, weights: dict[str, torch.Tensor], sidecar: dict[str, Any], metrics: dict[str, Any],
+    def _write(self, step: int, weights: dict[str, torch.Tensor], sidecar: Sidecar, metrics: dict[str, Any],
                snapshot_seconds: float) -> None:
         def write_model(directory: Path) -> None:
             save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})

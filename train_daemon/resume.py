@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common.checkpoints import TEMP_PREFIX, atomic_write_json, fsync_dir, fsync_tree, step_dir_name
+from common.contract import step_dir_name
+from common.durable import (
+    TEMP_PREFIX,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+)
 from train_daemon.background import BackgroundWriter, copy_to_host
 from train_daemon.weights import load_weights, unique_state_dict
 
@@ -208,7 +215,5 @@ def trim_log(path: Path, last_step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return dropped

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.checkpoints import atomic_write_json, now_iso
 from common.config import Config, ConfigError, to_dict
+from common.contract import now_iso
+from common.durable import atomic_write_json
 
 # Settings that fix the data stream and the model; a resumed run must keep them.
 RESUME_FIXED_KEYS = [

@@ -1,5 +1,5 @@
 """Code that runs inside vLLM's worker processes, mixed into the worker class by
-`LLM(worker_extension_cls="eval_daemon.vllm_worker.CheckpointReload")`.
+`LLM(worker_extension_cls="eval_daemon.engines.vllm_worker.CheckpointReload")`.
 
 vLLM's `reload_weights(weights_path=...)` loads a new checkpoint into the live model in place.
 One gap (seen on vLLM 0.32, CPU backend): with tied word embeddings (Qwen2.5-Math-1.5B, the tiny

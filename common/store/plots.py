@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,25 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
-from common.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, REPO_ROOT, format_table, print_stdout  # noqa: E402
-from common.store import (FORMAT_FAILURE_TYPES, StoreBusyError, StoreError, connect_read_only,  # noqa: E402
-                          one_line_error)
+from common.durable import atomic_write  # noqa: E402
+from common.grading import FORMAT_FAILURE_TYPES  # noqa: E402
+from common.store.query import (  # noqa: E402
+    BROKEN_PIPE_EXIT_CODE,
+    DEFAULT_DB,
+    REPO_ROOT,
+    format_table,
+    print_stdout,
+)
+from common.store.schema import (  # noqa: E402
+    StoreBusyError,
+    StoreError,
+    connect_read_only,
+    one_line_error,
+)
 
 DEFAULT_OUT = REPO_ROOT / "results"
-CATEGORIES = (("pct_correct", "correct", "#2ca02c"), ("pct_wrong_answer", "wrong answer", "#ff7f0e"),
-              ("pct_format_failure", "format failure", "#d62728"))
+CATEGORY_STYLES = (("pct_correct", "correct", "#2ca02c"), ("pct_wrong_answer", "wrong answer", "#ff7f0e"),
+                   ("pct_format_failure", "format failure", "#d62728"))
 FAILURE_COLORS = dict(zip(FORMAT_FAILURE_TYPES, ("#9467bd", "#8c564b", "#e377c2", "#17becf")))
 DPI = 120
 
@@ -168,7 +179,7 @@ def draw_categorization(series: Sequence[Series]) -> Figure:
     width = _bar_width(_all_steps(series))
     for ax, s in zip(axes, series):
         bottom = [0.0] * len(s.progress)
-        for column, label, color in CATEGORIES:
+        for column, label, color in CATEGORY_STYLES:
             values = [0.0 if math.isnan(v) else v for v in s.values(column)]
             ax.bar(s.steps(), values, width, bottom=bottom, color=color, label=label)
             bottom = [b + v for b, v in zip(bottom, values)]
@@ -280,12 +291,10 @@ def save_charts(series: Sequence[Series], out_dir: Path) -> list[Path]:
     for name, draw in CHARTS.items():
         fig = draw(series)
         path = out_dir / name
-        temp = out_dir / f".{name}.tmp"
         try:
-            fig.savefig(temp, dpi=DPI, format="png")
+            atomic_write(path, lambda handle: fig.savefig(handle, dpi=DPI, format="png"), binary=True)
         finally:
             plt.close(fig)
-        os.replace(temp, path)
         written.append(path)
     return written
 

@@ -1,4 +1,4 @@
-"""The filesystem contract (common/checkpoints.py): atomic publish, manifest, markers, retention."""
+"""The filesystem contract (common/contract.py): atomic publish, manifest, markers, retention."""
 
 from __future__ import annotations
 
@@ -8,10 +8,25 @@ import os
 
 import pytest
 
-from common.checkpoints import (MANIFEST_NAME, SIDECAR_NAME, ManifestError, apply_retention, atomic_write_json,
-                                is_evaluated, list_run_dirs, load_or_new_manifest, mark_evaluated, publish_checkpoint,
-                                read_manifest, read_sidecar, remove_stale_temp_dirs, step_dir_name,
-                                unpublished_step_dirs)
+from common.contract import (
+    MANIFEST_NAME,
+    SIDECAR_NAME,
+    ManifestError,
+    Marker,
+    Sidecar,
+    apply_retention,
+    is_evaluated,
+    load_or_new_manifest,
+    mark_evaluated,
+    publish_checkpoint,
+    read_manifest,
+    read_sidecar,
+    remove_stale_temp_dirs,
+    step_dir_name,
+    unpublished_step_dirs,
+    write_sidecar,
+)
+from common.durable import atomic_write_json
 
 
 def _writer(content: str = "weights"):
@@ -22,7 +37,7 @@ def _writer(content: str = "weights"):
 
 
 def _publish(run_dir, step, content="weights", metrics=None):
-    return publish_checkpoint(run_dir, "run1", step, _writer(content), {"step": step}, metrics or {"train_loss": 1.0})
+    return publish_checkpoint(run_dir, "run1", step, _writer(content), Sidecar(run_id="run1", step=step), metrics or {"train_loss": 1.0})
 
 
 def test_publish_writes_a_complete_directory_and_lists_it(tmp_path):
@@ -32,7 +47,21 @@ def test_publish_writes_a_complete_directory_and_lists_it(tmp_path):
     manifest = read_manifest(tmp_path)
     assert manifest.run_id == "run1" and manifest.steps() == [50]
     assert manifest.checkpoints[0].metrics["learning_rate"] == 1e-5
-    assert read_sidecar(final) == {"step": 50}
+    assert read_sidecar(final) == Sidecar(run_id="run1", step=50)
+
+
+def test_sidecar_round_trips_and_reads_the_flat_layout_of_older_checkpoints(tmp_path):
+    sidecar = Sidecar(run_id="r", step=7, wandb_group="g", metrics={"train_loss": 0.25, "epoch": 0.1},
+                      config={"training": {"seed": 1}})
+    write_sidecar(tmp_path, sidecar)
+    assert read_sidecar(tmp_path) == sidecar
+    # What earlier trainers wrote: the metrics at the top level beside the named fields.
+    (tmp_path / SIDECAR_NAME).write_text(json.dumps({"run_id": "old", "step": 3, "train_loss": 1.5, "wandb_group": "w"}))
+    old = read_sidecar(tmp_path)
+    assert (old.run_id, old.step, old.wandb_group, old.metrics) == ("old", 3, "w", {"train_loss": 1.5})
+    (tmp_path / SIDECAR_NAME).write_text(json.dumps({"step": 3}))
+    with pytest.raises(ManifestError):
+        read_sidecar(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -53,7 +82,7 @@ def test_a_failed_write_leaves_no_trace_and_keeps_published_checkpoints(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError):
-        publish_checkpoint(tmp_path, "run1", 50, disk_full, {}, {})
+        publish_checkpoint(tmp_path, "run1", 50, disk_full, Sidecar(run_id="run1", step=50), {})
     assert (tmp_path / MANIFEST_NAME).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, "step_000000"]
 
@@ -100,8 +129,8 @@ def test_the_trainer_starts_a_new_manifest_over_a_corrupt_one(tmp_path):
 def test_retention_deletes_only_old_evaluated_checkpoints(tmp_path):
     for step in (0, 50, 100, 150):
         _publish(tmp_path, step)
-    mark_evaluated(tmp_path, 0, "math-abc", {"accuracy": 0.1})
-    mark_evaluated(tmp_path, 100, "math-abc", {"accuracy": 0.2})
+    mark_evaluated(tmp_path, Marker(step=0, eval_key="math-abc", status="ok"))
+    mark_evaluated(tmp_path, Marker(step=100, eval_key="math-abc", status="ok"))
     assert is_evaluated(tmp_path, 0) and not is_evaluated(tmp_path, 50)
     deleted = apply_retention(tmp_path, keep_last=2)
     assert deleted == [0]  # 50 is not evaluated yet; 100 and 150 are the newest two
@@ -118,9 +147,3 @@ def test_atomic_write_json_replaces_whole_files(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
-def test_list_run_dirs_finds_runs_with_a_manifest(tmp_path):
-    _publish(tmp_path / "run1", 0)
-    (tmp_path / "run2").mkdir()
-    (tmp_path / ".hidden").mkdir()
-    assert list_run_dirs(tmp_path) == [tmp_path / "run1"]
-    assert list_run_dirs(tmp_path / "missing") == []

@@ -1,8 +1,8 @@
 """The demo's inputs: the embedded dataset and the tiny model, built once, where config/demo.yaml says.
 
-Not run on its own: used by `bin/demo` (`python -m common.demo_run`, common/demo_run.py). The
-dataset (common/demo_data.py) goes to data.train_source in the MATH release layout; the model
-(common/tiny_model.py) goes to model.name_or_path, with a byte-level BPE tokenizer trained on the
+Not run on its own: used by `bin/demo` (`python -m common.demo.run`, common/demo/run.py). The
+dataset (common/demo/data.py) goes to data.train_source in the MATH release layout; the model
+(common/demo/tiny_model.py) goes to model.name_or_path, with a byte-level BPE tokenizer trained on the
 demo problems and the prompt template, so prompts and responses take few tokens. Each is built in a
 temporary directory and renamed into place, with a stamp of the settings that made it: an
 interrupted build is never mistaken for a finished one, and changed settings rebuild it.
@@ -67,7 +67,7 @@ def _build(path: Path, settings: dict, write) -> None:
 
 
 def _write_dataset(out: Path, inputs: DemoInputs) -> None:
-    from common.demo_data import write_demo_dataset
+    from common.demo.data import write_demo_dataset
 
     write_demo_dataset(out, inputs.train_problems, inputs.test_problems, inputs.data_seed)
     logger.info("wrote the demo dataset: %d train and %d test problems", inputs.train_problems, inputs.test_problems)
@@ -76,8 +76,8 @@ def _write_dataset(out: Path, inputs: DemoInputs) -> None:
 def _write_model(out: Path, data_dir: Path, template: str, inputs: DemoInputs) -> None:
     import transformers
 
-    from common.demo_data import demo_corpus
-    from common.tiny_model import build_tiny_model
+    from common.demo.data import demo_corpus
+    from common.demo.tiny_model import build_tiny_model
 
     transformers.utils.logging.disable_progress_bar()  # a one-second save needs no progress bar
     build_tiny_model(out, demo_corpus(data_dir) + [template], vocab_size=inputs.vocab_size,

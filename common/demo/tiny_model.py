@@ -4,7 +4,7 @@ This is the model of the CPU demo (`bin/demo`) and of the tests: same architectu
 as Qwen2.5-Math-1.5B (config.json, model.safetensors, tokenizer, generation_config.json), so every
 code path that loads the real model loads this one unchanged, vLLM included.
 
-    python -m common.tiny_model OUT_DIR
+    python -m common.demo.tiny_model OUT_DIR
 """
 
 from __future__ import annotations

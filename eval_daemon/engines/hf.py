@@ -1,8 +1,8 @@
 """The Hugging Face transformers engine: the fallback for CPU or machines without vLLM.
 
 Loads the model with transformers and decodes length-sorted batches of prompts with
-eval_daemon/hf_decode.py (CUDA graphs on a GPU), or with model.generate for architectures that
-loop does not support. Implements eval_daemon.engines.GenerationEngine. Used by `bin/eval` with
+eval_daemon/engines/hf_decode.py (CUDA graphs on a GPU), or with model.generate for architectures that
+loop does not support. Implements eval_daemon.engines.base.GenerationEngine. Used by `bin/eval` with
 `evaluation.engine: hf` and by bench/hf_generate.py.
 """
 
@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import first_line
-from eval_daemon.engines import (CheckpointLoadError, Generation, Sampling, _warn_too_long, check_model_dir,
-                                 empty_generation, model_fingerprint, score_entropy_rows,
-                                 tokenizer_source)
+from eval_daemon.engines.base import (
+    CheckpointLoadError,
+    Generation,
+    Sampling,
+    _warn_too_long,
+    empty_generation,
+    load_reusing,
+    score_entropy_rows,
+    tokenizer_source,
+)
+from eval_daemon.engines.hf_decode import BatchDecoder, supported_reason
 from eval_daemon.entropy import mean_entropy_from_logits
-from eval_daemon.hf_decode import BatchDecoder, supported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,7 @@ class HfEngine:
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
-        # decoder: "batch_loop" (eval_daemon/hf_decode.py; model.generate for models it does not
+        # decoder: "batch_loop" (eval_daemon/engines/hf_decode.py; model.generate for models it does not
         # support) or "generate" (transformers' model.generate).
         self.decoder = decoder
         self.cuda_graphs = cuda_graphs  # on a GPU; False: every step runs eagerly (for comparison)
@@ -50,29 +56,27 @@ class HfEngine:
         self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
         self.last_load: dict = {}
 
-    def load(self, model_path: str) -> None:
-        check_model_dir(model_path)
-        fingerprint = model_fingerprint(model_path)
-        if self.model is not None and fingerprint is not None and fingerprint == self.fingerprint:
-            started = time.perf_counter()
-            try:
-                self._copy_weights_in_place(Path(model_path).expanduser())
-            except CheckpointLoadError as exc:  # the model may now hold a mix of weights: load it anew
-                logger.warning("in-place weight load of %s failed (%s); loading the model anew", model_path, exc)
-            else:
-                self.last_load = {"kind": "reload", "seconds": time.perf_counter() - started}
-                logger.info("loaded the weights of %s into the live model in %.2f s", model_path, self.last_load["seconds"])
-                return
-        self._load_model(model_path)
-        self.fingerprint = fingerprint
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
 
-    def _load_model(self, model_path: str) -> None:
+    def load(self, model_path: str) -> None:
+        load_reusing(self, model_path)
+
+    def reload(self, model_path: str) -> bool:
+        """Copy the weights into the live model; False when that failed (then it is loaded anew)."""
+        try:
+            self._copy_weights_in_place(Path(model_path).expanduser())
+        except CheckpointLoadError as exc:  # the model may now hold a mix of weights: load it anew
+            logger.warning("in-place weight load of %s failed (%s); loading the model anew", model_path, exc)
+            return False
+        return True
+
+    def start(self, model_path: str) -> None:
         import torch
         from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        started = time.perf_counter()
-        self.close()
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=getattr(torch, self.dtype), use_safetensors=True, trust_remote_code=False)
@@ -92,8 +96,6 @@ class HfEngine:
         if self.decoder == "batch_loop" and self.loop_unsupported:
             logger.warning("decoding %s with model.generate, several times slower than mathsft's batch loop, "
                            "which does not support its %s", model_path, self.loop_unsupported)
-        self.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
-        logger.info("loaded %s with transformers on %s in %.1f s", model_path, self.device, self.last_load["seconds"])
 
     def _copy_weights_in_place(self, path: Path) -> None:
         """Copy a checkpoint's tensors into the live model's parameters (same architecture and tokenizer).

@@ -1,6 +1,6 @@
 """Turn the two daemons' output into a few readable progress lines for `bin/demo`.
 
-Not run on its own: `bin/demo` (`python -m common.demo_run`) uses it.
+Not run on its own: `bin/demo` (`python -m common.demo.run`) uses it.
 
 Each daemon writes everything to its own log file (results/demo/logs/); the terminal gets only
 the lines a newcomer needs: training loss every logging.log_every steps (from the trainer's

@@ -29,7 +29,13 @@ from typing import Any, Sequence
 
 import duckdb
 
-from common.store import VIEWS, StoreBusyError, StoreError, connect_read_only, one_line_error
+from common.store.schema import (
+    VIEWS,
+    StoreBusyError,
+    StoreError,
+    connect_read_only,
+    one_line_error,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DB = REPO_ROOT / "results" / "results.duckdb"

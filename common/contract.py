@@ -1,22 +1,28 @@
 """The filesystem contract between the trainer and the eval daemon (the only thing they share).
 
-Layout under `<output_dir>/checkpoints/` (default `results/checkpoints/`):
+Everything lives under one results root, `paths.results_dir` (default `results/`); `Layout`
+derives every path from it, so the trainer and the eval daemon cannot disagree on where
+checkpoints are:
 
-    <run_id>/manifest.json            the list of published checkpoints; the only source of truth
-    <run_id>/step_000050/             a complete Hugging Face model directory + checkpoint.json
-    <run_id>/.tmp-step_000050-<pid>/  a checkpoint being written (dot-prefixed: never a checkpoint)
-    <run_id>/evaluated/step_000050.<eval_key>.done
-                                      written by the eval daemon when it has finished with a step;
-                                      retention deletes only steps that have at least one marker
+    checkpoints/<run_id>/manifest.json            the list of published checkpoints; the only source of truth
+    checkpoints/<run_id>/step_000050/             a complete Hugging Face model directory + checkpoint.json
+    checkpoints/<run_id>/.tmp-step_000050-<pid>/  a checkpoint being written (dot-prefixed: never a checkpoint)
+    checkpoints/<run_id>/evaluated/step_000050.<eval_key>.done
+                                                  written by the eval daemon when it has finished with a step;
+                                                  retention deletes only steps that have at least one marker
+    runs/<run_id>/                                private to the trainer (logs, resume state, config)
+    eval_logs/, analysis/, results.duckdb         private to the eval daemon (and the tools that read them)
+
+The three documents of the contract are typed here and written and read only through this module:
+`Manifest` (manifest.json), `Sidecar` (checkpoint.json) and `Marker` (evaluated/*.done).
 
 Rules:
 - Publish = write into a temporary directory beside the final one (same filesystem), fsync every
   file and the directory, rename into place, fsync the parent, then rewrite manifest.json by temp
   file + fsync + os.replace. A step directory that is not listed in the manifest does not exist
   for anyone (it may be left over from a crash between the rename and the manifest update).
-- Readers trigger on manifest.json being replaced (a move event), never on step directories.
-- Resume state (optimizer, RNG, data position) lives elsewhere (`<output_dir>/runs/<run_id>/`), so
-  the eval daemon never sees it.
+- Readers trigger on manifest.json being replaced (a move event), never on step directories, and
+  discover checkpoints with `scan_published` (the one implementation).
 """
 
 from __future__ import annotations
@@ -26,17 +32,58 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from common.durable import TEMP_PREFIX, atomic_write_json, fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 SIDECAR_NAME = "checkpoint.json"
 MARKER_DIR = "evaluated"
-TEMP_PREFIX = ".tmp-"
 MANIFEST_SCHEMA_VERSION = 1
+STORE_NAME = "results.duckdb"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path under the results root (`paths.results_dir`); nothing else builds these paths."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, config) -> Layout:
+        return cls(Path(config.paths.results_dir))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def run_checkpoints(self, run_id: str) -> Path:
+        return self.checkpoints / run_id
+
+    @property
+    def runs(self) -> Path:
+        """Private to the trainer."""
+        return self.root / "runs"
+
+    def run_state(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def eval_logs(self) -> Path:
+        return self.root / "eval_logs"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def store(self) -> Path:
+        return self.root / STORE_NAME
+
 
 
 class ManifestError(ValueError):
@@ -69,42 +116,6 @@ def now_iso() -> str:
     """UTC time with milliseconds, e.g. 2026-11-26T05:02:14.123Z."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
-
-
-# ---- durable writes ------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root (root included)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see either the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def publish_checkpoint(
     run_id: str,
     step: int,
     write_model: Callable[[Path], None],
-    sidecar: dict[str, Any],
+    sidecar: Sidecar,
     metrics: dict[str, Any],
 ) -> Path:
     """Write a checkpoint atomically and list it in the manifest; returns its final directory.
@@ -188,7 +199,7 @@ def publish_checkpoint(
     tmp.mkdir()
     try:
         write_model(tmp)
-        atomic_write_json(tmp / SIDECAR_NAME, sidecar)
+        write_sidecar(tmp, sidecar)
         fsync_tree(tmp)
     except BaseException:
         # A failed write (e.g. disk full) must not leave gigabytes behind until the next start-up.
@@ -240,15 +251,27 @@ def unpublished_step_dirs(run_dir: Path) -> list[Path]:
 # ---- eval markers and retention ------------------------------------------------------------------
 
 
+@dataclass
+class Marker:
+    """evaluated/step_N.<eval_key>.done: an eval daemon has finished with this checkpoint."""
+
+    step: int
+    eval_key: str
+    status: str  # ok | failed
+    worker_id: str = ""
+    finished_at: str = ""
+
+
 def marker_path(run_dir: Path, step: int, eval_key: str) -> Path:
     return Path(run_dir) / MARKER_DIR / f"{step_dir_name(step)}.{eval_key}.done"
 
 
-def mark_evaluated(run_dir: Path, step: int, eval_key: str, info: dict[str, Any]) -> None:
+def mark_evaluated(run_dir: Path, marker: Marker) -> None:
     """Eval side: record that it has finished with this checkpoint (retention may delete it)."""
-    path = marker_path(run_dir, step, eval_key)
+    path = marker_path(run_dir, marker.step, marker.eval_key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"step": step, "eval_key": eval_key, "finished_at": now_iso(), **info})
+    marker.finished_at = marker.finished_at or now_iso()
+    atomic_write_json(path, asdict(marker))
 
 
 def is_evaluated(run_dir: Path, step: int) -> bool:
@@ -280,20 +303,119 @@ def apply_retention(run_dir: Path, keep_last: int) -> list[int]:
     return sorted(doomed_steps)
 
 
+# ---- the checkpoint sidecar ----------------------------------------------------------------------
+
+
+@dataclass
+class Sidecar:
+    """checkpoint.json: what the eval daemon and the analysis need to know about a checkpoint.
+
+    On disk the metrics (train_loss, epoch, tokens_seen, ...) sit at the top level beside the
+    named fields, as earlier versions wrote them, so old checkpoints stay readable."""
+
+    run_id: str
+    step: int
+    run_name: str = ""
+    wandb_group: str = ""
+    base_model: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the trainer's fully resolved config
+
+    def to_json(self) -> dict[str, Any]:
+        named = {k: v for k, v in asdict(self).items() if k != "metrics"}
+        return {**self.metrics, **named}
+
+
+def write_sidecar(step_dir: Path, sidecar: Sidecar) -> None:
+    atomic_write_json(Path(step_dir) / SIDECAR_NAME, sidecar.to_json())
+
+
+def read_sidecar(step_dir: Path) -> Sidecar:
+    path = Path(step_dir) / SIDECAR_NAME
+    try:
+        data = json.loads(path.read_text())
+        named = {name: data.pop(name) for name in ("run_name", "wandb_group", "base_model", "config") if name in data}
+        return Sidecar(run_id=str(data.pop("run_id")), step=int(data.pop("step")), metrics=data, **named)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable checkpoint sidecar ({exc})") from exc
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: checkpoint sidecar does not follow the schema ({exc!r})") from exc
+
+
 # ---- discovery (eval side) -----------------------------------------------------------------------
 
 
-def list_run_dirs(checkpoints_root: Path) -> list[Path]:
-    """Run directories under the checkpoints root (anything holding a manifest.json)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    run_id: str
+    step: int
+    path: Path  # the step directory (a complete Hugging Face model directory)
+    run_dir: Path | None  # None for a model given with --checkpoint that is not part of a run
+    published_at: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+class WarnOnce:
+    """Logs each distinct warning once, so a bad file seen on every rescan is not a flood."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, message: str) -> None:
+        if message not in self._seen:
+            self._seen.add(message)
+            logger.warning("%s", message)
+
+
+def scan_published(checkpoints_root: Path, warn: WarnOnce) -> list[Checkpoint]:
+    """Every checkpoint listed in a readable manifest under the root; bad entries are warned about once."""
     root = Path(checkpoints_root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).exists())
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue  # dot-prefixed names are temporaries by contract; plain files are not runs
+        if not (child / MANIFEST_NAME).exists():
+            if any(not entry.name.startswith(TEMP_PREFIX) for entry in child.iterdir()):
+                warn(f"ignoring {child}: no {MANIFEST_NAME}, not a run directory")
+            # else: a run whose first checkpoint is still being written (only temporaries): not an error
+            continue
+        found.extend(_run_checkpoints(child, warn))
+    return found
 
 
-def read_sidecar(step_dir: Path) -> dict[str, Any]:
-    path = Path(step_dir) / SIDECAR_NAME
+def _run_checkpoints(run_dir: Path, warn: WarnOnce) -> list[Checkpoint]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path}: unreadable checkpoint sidecar ({exc})") from exc
+        manifest = read_manifest(run_dir)
+    except ManifestError as exc:
+        # The daemon keeps serving the other runs; a later valid rewrite is picked up on its event.
+        warn(f"ignoring run {run_dir.name}: {exc}")
+        return []
+    checkpoints = []
+    for entry in manifest.checkpoints:
+        path = run_dir / entry.path
+        if entry.path.startswith(TEMP_PREFIX) or not path.is_dir():
+            warn(f"ignoring step {entry.step} of run {manifest.run_id}: {path} is listed in the manifest but missing")
+            continue
+        checkpoints.append(Checkpoint(run_id=manifest.run_id, step=entry.step, path=path, run_dir=run_dir,
+                                      published_at=entry.published_at, metrics=entry.metrics))
+    return checkpoints
+
+
+def checkpoint_from_argument(model: str) -> Checkpoint:
+    """The Checkpoint for `--checkpoint PATH_OR_HUB_ID`.
+
+    A published step directory keeps its run id and step (from its checkpoint.json sidecar; the
+    marker is written when its run directory has a manifest). Any other model directory or hub id
+    (e.g. the base model) is recorded as run_id = its directory name or hub id, step 0.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return Checkpoint(run_id=model, step=0, path=Path(model), run_dir=None)
+    try:
+        sidecar = read_sidecar(path)
+    except ManifestError:  # not a published checkpoint: an external model
+        return Checkpoint(run_id=path.resolve().name, step=0, path=path, run_dir=None)
+    run_dir = path.parent if (path.parent / MANIFEST_NAME).exists() else None
+    return Checkpoint(run_id=sidecar.run_id, step=sidecar.step, path=path, run_dir=run_dir)

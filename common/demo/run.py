@@ -1,6 +1,6 @@
 """bin/demo: the whole product on CPU in about 20 seconds, with nothing to download or configure.
 
-Run by `bin/demo`, which execs `python -m common.demo_run "$@"`:
+Run by `bin/demo`, which execs `python -m common.demo.run "$@"`:
 
     bin/demo                          # set up .venv when missing, then train + evaluate the tiny demo model
     bin/demo evaluation.engine=vllm   # key=value overrides go to both daemons (on top of config/demo.yaml)
@@ -30,11 +30,17 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkpoints import ManifestError, read_manifest
-from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config
-from common.store import StoreError, StoreMissingError, connect_read_only
-from common.demo_follow import Progress
-from common.demo_inputs import DemoInputs, ensure_inputs
+from common.config import (
+    CONFIG_ERROR_EXIT_CODE,
+    Config,
+    ConfigError,
+    add_config_arguments,
+    load_config,
+)
+from common.contract import ManifestError, read_manifest
+from common.demo.follow import Progress
+from common.demo.inputs import DemoInputs, ensure_inputs
+from common.store.schema import StoreError, StoreMissingError, connect_read_only
 
 REPO = Path(__file__).resolve().parents[1]  # common/ -> the repository root
 DEFAULT_CONFIG = "config/demo.yaml"

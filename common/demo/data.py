@@ -2,7 +2,7 @@
 layout (`<root>/{train,test}/<subject>/<n>.json`, solutions ending in `\\boxed{}`), so the whole
 product runs offline on CPU with no downloaded data.
 
-    python -m common.demo_data OUT_DIR [--train 600 --test 60 --seed 0]
+    python -m common.demo.data OUT_DIR [--train 600 --test 60 --seed 0]
 """
 
 from __future__ import annotations

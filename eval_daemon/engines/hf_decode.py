@@ -15,7 +15,7 @@ rotary tables) with
 
 It re-implements the decoder-layer wiring of Qwen2 and Llama models (supported_reason says which
 models qualify); the Hugging Face engine falls back to model.generate for any other model.
-Used by eval_daemon/hf_engine.py; tests/test_hf_decode.py checks it against model.generate.
+Used by eval_daemon/engines/hf.py; tests/test_hf_decode.py checks it against model.generate.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""What both daemons share: config, data, grading, the filesystem contract, durable writes, tracking."""

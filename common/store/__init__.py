@@ -1,0 +1,1 @@
+"""The results store (DuckDB) and its readers: schema, writer (the eval daemon), query, plots."""

@@ -1,0 +1,312 @@
+"""The results store: one DuckDB file (results/results.duckdb) that the eval daemon appends to and
+bin/query and bin/plot read while it runs.
+
+DuckDB lets one process hold a file read-write, and while it does, no other process can open it,
+not even read-only. So the writer opens the file only for one short transaction per evaluation
+(all rows of that evaluation, or nothing) and closes it again; readers open it read-only, query
+and close. Both retry with a short exponential backoff while the other side holds the file, so a
+lock error never reaches a user, and a reader never sees half an evaluation.
+
+Tables: meta (schema_version), runs, checkpoints, evaluations, samples, view_descriptions.
+Views (created with the schema, so a plain `duckdb results/results.duckdb` has them too):
+progress, by_subject, by_level, format_failures, run_compare; see VIEWS below.
+
+    bin/query progress              # the eval daemon writes, this reads
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# How long a reader waits for the writer to close the file before giving up.
+LOCK_TIMEOUT_S = 30.0
+# The writer waits longer: an evaluation is never dropped because someone's query was slow.
+WRITE_LOCK_TIMEOUT_S = 120.0
+# Longest pause between two tries; short, so a reader gets in soon after a commit.
+MAX_RETRY_DELAY_S = 0.1
+# After this long waiting, say so once (someone may have left a duckdb shell open on the file).
+LOCK_WARN_AFTER_S = 5.0
+
+TIME_KEYS = ("published_at", "started_at", "finished_at")
+
+
+class StoreError(RuntimeError):
+    """A problem with the store or with what was handed to it (one-line message naming the fix)."""
+
+
+class StoreMissingError(StoreError):
+    """The store file does not exist yet."""
+
+
+class StoreBusyError(StoreError):
+    """Another process kept the store open longer than the retry budget."""
+
+
+# ---- schema --------------------------------------------------------------------------------------
+
+# Evaluation dict key -> column type. run_config goes to `runs`, checkpoint_metrics to `checkpoints`.
+EVALUATION_COLUMNS = {
+    "run_id": "VARCHAR NOT NULL",
+    "step": "BIGINT NOT NULL",
+    "eval_key": "VARCHAR NOT NULL",
+    "eval_set": "VARCHAR NOT NULL",
+    "checkpoint_path": "VARCHAR",
+    "status": "VARCHAR NOT NULL CHECK (status IN ('ok', 'failed'))",
+    "error": "VARCHAR",
+    "num_test_cases": "INTEGER",
+    "num_correct": "INTEGER",
+    "num_format_correct": "INTEGER",
+    "num_wrong_answer": "INTEGER",
+    "num_format_failure": "INTEGER",
+    "accuracy": "DOUBLE",
+    "format_accuracy": "DOUBLE",
+    "avg_response_length": "DOUBLE",
+    "avg_response_length_correct": "DOUBLE",
+    "avg_response_length_incorrect": "DOUBLE",
+    "avg_token_entropy": "DOUBLE",
+    "entropy_method": "VARCHAR",
+    "entropy_sample_size": "INTEGER",
+    "engine": "VARCHAR",
+    "sampling": "JSON",
+    "config": "JSON",
+    "published_at": "TIMESTAMP",
+    "started_at": "TIMESTAMP",
+    "finished_at": "TIMESTAMP",
+    "generation_seconds": "DOUBLE",
+    "grading_seconds": "DOUBLE",
+    "total_seconds": "DOUBLE",
+    "worker_id": "VARCHAR",
+}
+EVALUATION_EXTRA_KEYS = ("run_config", "checkpoint_metrics")
+REQUIRED_EVALUATION_KEYS = ("run_id", "step", "eval_key", "eval_set")
+
+# Sample dict key -> column type; the store adds run_id, step, eval_key in front.
+SAMPLE_COLUMNS = {
+    "problem_id": "VARCHAR NOT NULL",
+    "subject": "VARCHAR",
+    "level": "INTEGER",
+    "problem": "VARCHAR",
+    "prompt": "VARCHAR",
+    "response": "VARCHAR",
+    "ground_truth": "VARCHAR",
+    "solution": "VARCHAR",
+    "format_reward": "DOUBLE",
+    "answer_reward": "DOUBLE",
+    "reward": "DOUBLE",
+    "category": "VARCHAR NOT NULL",
+    "format_failure_type": "VARCHAR",
+    "response_length": "INTEGER",
+    "finish_reason": "VARCHAR",
+    "token_entropy": "DOUBLE",
+    "grading_note": "VARCHAR",
+}
+SAMPLE_KEY_COLUMNS = {"run_id": "VARCHAR NOT NULL", "step": "BIGINT NOT NULL", "eval_key": "VARCHAR NOT NULL"}
+
+
+def _columns_sql(columns: dict[str, str]) -> str:
+    return ",\n    ".join(f"{name} {sql_type}" for name, sql_type in columns.items())
+
+
+TABLES_SQL = f"""
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE runs (
+    run_id VARCHAR PRIMARY KEY,
+    run_config JSON,
+    first_recorded_at TIMESTAMP NOT NULL
+);
+CREATE TABLE checkpoints (
+    run_id VARCHAR NOT NULL,
+    step BIGINT NOT NULL,
+    checkpoint_path VARCHAR,
+    published_at TIMESTAMP,
+    checkpoint_metrics JSON,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE evaluations (
+    {_columns_sql(EVALUATION_COLUMNS)},
+    recorded_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, step, eval_key)
+);
+-- No index on samples: uniqueness is guaranteed per evaluation, and an index would slow the bulk insert.
+CREATE TABLE samples (
+    {_columns_sql({**SAMPLE_KEY_COLUMNS, **SAMPLE_COLUMNS})},
+    CHECK (category IN {CATEGORIES})
+);
+CREATE TABLE view_descriptions (name VARCHAR PRIMARY KEY, description VARCHAR);
+"""
+
+_FAILURE_COUNTS_SQL = ",\n       ".join(
+    f"count(*) FILTER (WHERE s.format_failure_type = '{kind}') AS {kind}" for kind in FORMAT_FAILURE_TYPES)
+
+# name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
+VIEWS: dict[str, tuple[str, str]] = {
+    "progress": (
+        "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy, by step",
+        """SELECT run_id, step, eval_set, eval_key, accuracy, format_accuracy,
+       100.0 * num_correct / nullif(num_test_cases, 0) AS pct_correct,
+       100.0 * num_wrong_answer / nullif(num_test_cases, 0) AS pct_wrong_answer,
+       100.0 * num_format_failure / nullif(num_test_cases, 0) AS pct_format_failure,
+       avg_response_length, avg_response_length_correct, avg_response_length_incorrect,
+       avg_token_entropy
+FROM evaluations WHERE status = 'ok'
+ORDER BY run_id, eval_key, step""",
+    ),
+    "by_subject": (
+        "accuracy and format accuracy per subject, per evaluation",
+        """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.subject, count(*) AS num_examples,
+       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
+       avg((s.category = 'correct')::DOUBLE) AS accuracy,
+       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
+FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
+WHERE e.status = 'ok'
+GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.subject
+ORDER BY s.run_id, s.eval_key, s.subject, s.step""",
+    ),
+    "by_level": (
+        "accuracy and format accuracy per difficulty level (1-5), per evaluation",
+        """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.level, count(*) AS num_examples,
+       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
+       avg((s.category = 'correct')::DOUBLE) AS accuracy,
+       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
+FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
+WHERE e.status = 'ok'
+GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.level
+ORDER BY s.run_id, s.eval_key, s.level, s.step""",
+    ),
+    "format_failures": (
+        "format failure counts per evaluation, one column per failure type",
+        f"""SELECT e.run_id, e.step, e.eval_set, e.eval_key, e.num_test_cases, e.num_format_failure,
+       {_FAILURE_COUNTS_SQL}
+FROM evaluations e
+LEFT JOIN samples s ON s.run_id = e.run_id AND s.step = e.step AND s.eval_key = e.eval_key
+                   AND s.category = 'format_failure'
+WHERE e.status = 'ok'
+GROUP BY e.run_id, e.step, e.eval_set, e.eval_key, e.num_test_cases, e.num_format_failure
+ORDER BY e.run_id, e.eval_key, e.step""",
+    ),
+    "run_compare": (
+        "one row per run and eval config: first, best and last accuracy with their steps",
+        """SELECT run_id, eval_set, eval_key, count(*) AS num_evaluations,
+       min(step) AS first_step, arg_min(accuracy, step) AS first_accuracy,
+       first(step ORDER BY accuracy DESC, step) AS best_step, max(accuracy) AS best_accuracy,
+       max(step) AS last_step, arg_max(accuracy, step) AS last_accuracy
+FROM evaluations WHERE status = 'ok'
+GROUP BY run_id, eval_set, eval_key
+ORDER BY run_id, eval_key""",
+    ),
+}
+
+
+def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(TABLES_SQL)
+    for name, (description, select) in VIEWS.items():
+        con.execute(f"CREATE VIEW {name} AS {select}")
+        con.execute("INSERT INTO view_descriptions VALUES (?, ?)", [name, description])
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_at', ?)",
+                [str(SCHEMA_VERSION), _utc_now().isoformat()])
+
+
+def _ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    """Create the schema in its own transaction on a new file; refuse a file of another version."""
+    tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    if "meta" not in tables:
+        con.begin()
+        _create_schema(con)
+        con.commit()
+        logger.info("created results store %s (schema version %s)", db_path, SCHEMA_VERSION)
+        return
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    found = row[0] if row else None
+    if found != str(SCHEMA_VERSION):
+        raise StoreError(f"{db_path} has schema version {found}, this code writes version {SCHEMA_VERSION}; "
+                         f"move the file aside (or point evaluation.store_path elsewhere) to start a new store")
+
+
+# ---- connections ---------------------------------------------------------------------------------
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    return "lock" in str(exc).lower()
+
+
+def _connect(db_path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    """Open the file, retrying with exponential backoff while another process holds it."""
+    if read_only and not db_path.exists():
+        raise StoreMissingError(f"no results store at {db_path}: the eval daemon (bin/eval) creates it "
+                                f"with its first evaluation; or pass --db PATH")
+    start = time.monotonic()
+    delay, warned = 0.01, False
+    while True:
+        try:
+            return duckdb.connect(str(db_path), read_only=read_only)
+        except duckdb.Error as exc:
+            # Only "another process holds the file" is worth waiting for; a file that is not a
+            # DuckDB database, or a missing directory, is reported at once.
+            if not (isinstance(exc, duckdb.IOException) and _is_lock_error(exc)):
+                raise StoreError(f"cannot open {db_path}: {one_line_error(exc)}") from None
+            waited = time.monotonic() - start
+            if waited + delay > timeout_s:
+                raise StoreBusyError(f"{db_path} stayed busy for {waited:.0f} s ({_lock_holder(exc)}); "
+                                     f"close any duckdb shell left open on it and retry") from None
+            if waited > LOCK_WARN_AFTER_S and not warned:
+                logger.warning("waiting for %s: %s", db_path, _lock_holder(exc))
+                warned = True
+        # Jitter so that two waiting processes do not retry in lockstep.
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
+
+def _lock_holder(exc: duckdb.Error) -> str:
+    match = re.search(r"held in (.+?) \(PID (\d+)\)", str(exc))
+    return f"held by PID {match.group(2)} ({match.group(1)})" if match else "held by another process"
+
+
+def one_line_error(exc: BaseException) -> str:
+    """DuckDB's message without the `LINE 1: ...` excerpt and caret lines."""
+    lines = []
+    for line in str(exc).splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines)
+
+
+@contextlib.contextmanager
+def connect_read_only(db_path: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection for bin/query and bin/plot; closed (and the file released) on exit."""
+    con = _connect(Path(db_path), read_only=True, timeout_s=timeout_s)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _connect_for_write(db_path: Path, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(db_path, read_only=False, timeout_s=timeout_s)
+    try:
+        _ensure_schema(con, db_path)
+        yield con
+    finally:
+        # Closing releases the file for readers; an open transaction is rolled back by DuckDB.
+        con.close()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)

@@ -1,0 +1,1 @@
+"""Generation engines: base (the Protocol and shared load logic), vllm, hf, factory."""

@@ -1,0 +1,195 @@
+"""The vLLM engine (the default): one `vllm.LLM` kept alive across checkpoints.
+
+The first checkpoint starts it (tens of seconds); each later checkpoint of the same architecture
+and tokenizer is loaded into the live engine with vLLM's `reload_weights(weights_path=...)`, run
+in the workers through `collective_rpc` (eval_daemon/engines/vllm_worker.py), then the prefix
+cache is reset so that no KV computed with the old weights is reused. Implements
+eval_daemon.engines.base.GenerationEngine; used by `bin/eval` and bench/eval_full.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+
+from common.errors import first_line
+from eval_daemon.engines.base import (
+    CheckpointLoadError,
+    Generation,
+    Sampling,
+    _warn_too_long,
+    empty_generation,
+    load_reusing,
+    score_entropy_rows,
+    tokenizer_source,
+)
+from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
+
+logger = logging.getLogger(__name__)
+
+class VllmEngine:
+    name = "vllm"
+    entropy_method = f"vllm_prompt_logprobs_top{TOP_K}_lower_bound"
+
+    def __init__(self, device: str, dtype: str, gpu_memory_utilization: float, max_model_len: int,
+                 seed: int, tokenizer_fallback: str) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.tokenizer_fallback = tokenizer_fallback
+        self.llm = None
+        self.fingerprint: str | None = None
+        self.last_load: dict = {}  # {"kind": "start" | "reload", "seconds": ...} for logs and the bench
+        self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
+
+    @property
+    def loaded(self) -> bool:
+        return self.llm is not None
+
+    def load(self, model_path: str) -> None:
+        load_reusing(self, model_path)
+
+    def start(self, model_path: str) -> None:
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=tokenizer_source(model_path, self.tokenizer_fallback),
+                dtype=self.dtype,
+                seed=self.seed,
+                max_model_len=self.max_model_len,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enforce_eager=self.device == "cpu",  # CPU: skip graph capture, minutes of compile for nothing
+                trust_remote_code=False,
+                load_format="safetensors",
+                worker_extension_cls="eval_daemon.engines.vllm_worker.CheckpointReload",
+            )
+        except Exception as exc:  # vLLM raises many unrelated types for a bad model (ValueError, RuntimeError, OSError, ...)
+            self.close()
+            raise CheckpointLoadError(f"vLLM could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
+
+    def reload(self, model_path: str) -> bool:
+        """Load new weights into the live engine; False when that did not work (then it is started anew)."""
+        try:
+            # reload_weights(weights_path=...) plus a fix for tied LM heads: eval_daemon/engines/vllm_worker.py
+            results = self.llm.collective_rpc("reload_checkpoint", args=(str(model_path),))
+        except Exception as exc:  # raised from the worker with any type; its weights are now in an unknown state
+            logger.warning("weight reload of %s failed (%s: %s); restarting vLLM", model_path,
+                           type(exc).__name__, first_line(exc))
+            return False
+        # Cached KV blocks were computed with the old weights: never reuse them.
+        self.llm.reset_prefix_cache()
+        logger.debug("reload of %s: %s", model_path, results[0])
+        return True
+
+    def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
+                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
+        """All prompts in one engine call; then the entropy prefill of `entropy_rows`, in a second
+        call. (Adding each entropy prefill to the running engine as soon as its response finished
+        was tried on an H200: in a paired run it cost 4-5 s per evaluation, more than this second
+        call's 2.0-2.7 s; docs/PERFORMANCE.md, "Evaluation (vLLM)".)"""
+        tokenizer = self.llm.get_tokenizer()
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
+        _warn_too_long(len(prompts) - len(fits), self.max_model_len)
+        params = [self._generation_params(sampling, prompts[i]) for i in fits]
+        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params, use_tqdm=progress)
+        results = [empty_generation(ids) for ids in prompt_ids]
+        for i, output in zip(fits, outputs):
+            completion = output.outputs[0]
+            results[i] = Generation(text=completion.text, token_ids=list(completion.token_ids),
+                                    prompt_token_ids=prompt_ids[i], finish_reason=_finish(completion.finish_reason),
+                                    num_tokens=len(completion.token_ids))
+        self.entropy_seconds = score_entropy_rows(self.token_entropies, results, entropy_rows)
+        return results
+
+    def _generation_params(self, sampling: Sampling, prompt: str):
+        """One request's SamplingParams (bench/eval_full.py overrides it to force response lengths)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                              stop=list(sampling.stop), include_stop_str_in_output=True)
+
+    def _entropy_params(self):
+        from vllm import SamplingParams
+
+        # Prefill only: prompt_logprobs over prompt + response, one generated token that is discarded.
+        # flat_logprobs (where this vLLM has it) returns flat lists instead of one dict of Logprob
+        # objects per position: ~100k positions x 21 entries for 256 responses, mostly object overhead.
+        flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
+        return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False, **flat)
+
+    def token_entropies(self, generations: list[Generation]) -> list[float | None]:
+        """Mean token entropy of each response (None for an empty one): one prefill-only call."""
+        scored = [i for i, g in enumerate(generations) if g.token_ids]
+        requests = [{"prompt_token_ids": (generations[i].prompt_token_ids + generations[i].token_ids)[: self.max_model_len - 1]}
+                    for i in scored]
+        outputs = self.llm.generate(requests, self._entropy_params(), use_tqdm=False) if requests else []
+        results: list[float | None] = [None] * len(generations)
+        for i, output in zip(scored, outputs):
+            values = _position_entropies(output.prompt_logprobs, len(generations[i].prompt_token_ids))
+            if values:
+                results[i] = sum(values) / len(values)
+        return results
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()  # stops the engine-core process now rather than at interpreter exit
+            # shutdown() only signals vLLM's output thread (a daemon thread) to stop. Left running, it
+            # may free its last outputs (torch tensors) while the interpreter finalizes, which aborts
+            # the process: "terminate called without an active exception", exit code -6 after a clean
+            # SIGTERM (seen in 5 of 9 bin/demo runs). Joining it first makes the exit clean.
+            output_thread = getattr(engine_core, "output_queue_thread", None)
+            if output_thread is not None:
+                output_thread.join(timeout=10)
+        self.llm = None
+        self.fingerprint = None
+        gc.collect()
+
+
+def _position_entropies(prompt_logprobs, start: int) -> list[float]:
+    """Top-k entropy of each position from `start` on, from vLLM's prompt logprobs: a list of
+    {token: Logprob} dicts, or FlatLogprobs (flat lists; the scored token comes first and appears
+    again when it is in the top k, hence the de-duplication by token id, as the dicts do)."""
+    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
+        starts, ends = prompt_logprobs.start_indices[start:], prompt_logprobs.end_indices[start:]
+        if starts and all(b - a == ends[0] - starts[0] > 1 for a, b in zip(starts, ends)) \
+                and all(b == a for a, b in zip(starts[1:], ends[:-1])):
+            return _uniform_flat_entropies(prompt_logprobs, starts[0], ends[-1], ends[0] - starts[0])
+        ids, logprobs = prompt_logprobs.token_ids, prompt_logprobs.logprobs
+        return [entropy_from_top_logprobs(list(dict(zip(ids[a:b], logprobs[a:b])).values()))
+                for a, b in zip(starts, ends) if b > a]
+    return [entropy_from_top_logprobs([lp.logprob for lp in p.values()]) for p in prompt_logprobs[start:] if p]
+
+
+def _uniform_flat_entropies(flat, low: int, high: int, width: int) -> list[float]:
+    """entropy_from_top_logprobs of every position at once, for back-to-back positions of `width`
+    entries each (the usual case: the scored token, then the top k): ~100k positions per
+    evaluation, 0.09 s instead of 0.30 s with one Python call per position (2-core CPU)."""
+    import numpy as np
+
+    ids = np.asarray(flat.token_ids[low:high], dtype=np.int64).reshape(-1, width)
+    logprobs = np.asarray(flat.logprobs[low:high], dtype=np.float64).reshape(-1, width)
+    keep = np.ones(ids.shape, dtype=bool)
+    keep[:, 0] = ~(ids[:, 1:] == ids[:, :1]).any(axis=1)  # the scored token counts once
+    probs = np.where(keep, np.exp(logprobs), 0.0)
+    with np.errstate(invalid="ignore"):  # 0 * -inf for a token of probability 0
+        entropy = -np.where(probs > 0, probs * logprobs, 0.0).sum(axis=1)
+    rest = 1.0 - probs.sum(axis=1)
+    has_rest = rest > 1e-12
+    entropy[has_rest] -= rest[has_rest] * np.log(rest[has_rest])
+    return entropy.tolist()
+
+
+def _finish(reason: str | None) -> str:
+    # vLLM says 'stop' for EOS and stop strings, 'length' for max_tokens / max_model_len.
+    return "length" if reason == "length" else "stop"
+
+
