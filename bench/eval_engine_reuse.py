@@ -110,7 +110,7 @@ def main() -> None:
     max_tokens = args.max_tokens or (1024 if on_gpu else 32)
 
     from common.config import load_config
-    from common.contract import Checkpoint
+    from common.contract import Checkpoint, Layout
     from common.grading import Grader
     from common.store.writer import eval_key
     from eval_daemon.__main__ import Context, evaluate_checkpoint
@@ -123,8 +123,7 @@ def main() -> None:
     results = workdir / "results"
     config = load_config(None, [
         "evaluation.engine=vllm", f"evaluation.device={args.device}", f"evaluation.max_tokens={max_tokens}",
-        f"evaluation.entropy_sample_size={args.entropy_sample_size}", f"evaluation.store_path={results}/results.duckdb",
-        f"evaluation.logs_dir={results}/eval_logs", f"evaluation.analysis_dir={results}/analysis",
+        f"evaluation.entropy_sample_size={args.entropy_sample_size}", f"paths.results_dir={results}",
         f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}", "logging.wandb=false",
         "logging.progress_bar=false", f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
         f"evaluation.max_model_len={2048 if on_gpu else 512}"])
@@ -153,7 +152,7 @@ def main() -> None:
 
         with Grader(workers=e.grading_workers) as grader:
             grader.start()
-            ctx = Context(config=config, device=device, eval_set=eval_set, sampling=sampling,
+            ctx = Context(config=config, layout=Layout.of(config), device=device, eval_set=eval_set, sampling=sampling,
                           eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
                           worker_id="bench", engine=engine, grader=grader, stop=StopSignal(),
                           trackers=Trackers(config, "bench", None))

@@ -84,6 +84,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from common.config import load_config
+    from common.contract import Layout
     from common.grading import Grader
     from common.store.schema import connect_read_only
     from common.store.writer import eval_key
@@ -100,8 +101,7 @@ def main() -> None:
     config = load_config(None, [
         "evaluation.engine=vllm", f"evaluation.device={'cuda:0' if on_gpu else 'cpu'}",
         f"evaluation.test_source={test_source}", f"evaluation.num_eval_samples={args.num_prompts}",
-        f"evaluation.store_path={results}/results.duckdb", f"evaluation.logs_dir={results}/eval_logs",
-        f"evaluation.analysis_dir={results}/analysis", f"evaluation.checkpoints_dir={results}/checkpoints",
+        f"paths.results_dir={results}",
         f"evaluation.max_model_len={args.max_model_len}", f"evaluation.max_tokens={min(1024, args.max_model_len - 1)}",
         f"evaluation.gpu_memory_utilization={args.gpu_memory_utilization}",
         f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}", f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
@@ -134,7 +134,7 @@ def main() -> None:
         with Grader(workers=e.grading_workers) as grader:
             grader.start()
             stop = StopSignal()
-            ctx = Context(config=config, device="cuda:0" if on_gpu else "cpu", eval_set=eval_set, sampling=sampling,
+            ctx = Context(config=config, layout=Layout.of(config), device="cuda:0" if on_gpu else "cpu", eval_set=eval_set, sampling=sampling,
                           eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
                           worker_id="bench", engine=engine, grader=grader, stop=stop,
                           trackers=Trackers(config, "bench", None))
@@ -157,7 +157,7 @@ def main() -> None:
                                             timing[f"bare_generate_s_{after}"])
         rows.update(timing)
 
-        with connect_read_only(e.store_path) as con:
+        with connect_read_only(Layout.of(config).store) as con:
             for step in STEPS:
                 total, generation, grading, method, scored, entropy = con.execute(
                     "select total_seconds, generation_seconds, grading_seconds, entropy_method, entropy_sample_size, "

@@ -25,7 +25,7 @@ publish)
     | grep -v "Loading weights\|Writing model" | tee $OUT/publish_stall.log
   rm -rf /tmp/publish_stall /tmp/results
   timeout 300 python3 -m train_daemon --config config/sft_config.yaml model.name_or_path=/tmp/rq \
-    data.train_source=$DATA training.output_dir=/tmp/results training.run_id=gpu training.max_steps=15 \
+    data.train_source=$DATA paths.results_dir=/tmp/results training.run_id=gpu training.max_steps=15 \
     training.eval_every=5 training.save_resume_every=10 training.warmup_steps=5 logging.wandb=false \
     logging.progress_bar=false > $OUT/bin_train.stderr 2>&1; echo "bin/train exit $?"
   grep -v "Loading weights" $OUT/bin_train.stderr | cut -c1-220 | tail -25

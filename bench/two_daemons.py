@@ -105,11 +105,9 @@ def common_overrides(args: argparse.Namespace, model: str, data: str, test: str,
     on_gpu = args.device == "cuda"
     overrides = [
         f"model.name_or_path={model}", f"data.train_source={data}", f"evaluation.test_source={test}",
-        f"training.output_dir={results}", f"training.run_id={RUN_ID}", f"training.max_steps={args.steps}",
+        f"paths.results_dir={results}", f"training.run_id={RUN_ID}", f"training.max_steps={args.steps}",
         f"training.eval_every={args.eval_every}", "logging.log_every=1", "logging.wandb=false",
         "logging.progress_bar=false",
-        f"evaluation.checkpoints_dir={results}/checkpoints", f"evaluation.store_path={results}/results.duckdb",
-        f"evaluation.logs_dir={results}/eval_logs", f"evaluation.analysis_dir={results}/analysis",
         f"training.device={'cuda:0' if on_gpu else 'cpu'}", f"evaluation.device={'cuda:1' if on_gpu else 'cpu'}",
     ]
     if not on_gpu:

@@ -23,9 +23,23 @@ import yaml
 # Exit code for configuration errors, shared by every entry point.
 CONFIG_ERROR_EXIT_CODE = 2
 
+# Keys of earlier versions, with what replaced them: an old config gets the fix, not a key list.
+_ONE_ROOT = "set paths.results_dir (every results path is derived from it, the same for both daemons)"
+MOVED_KEYS = {"training.output_dir": _ONE_ROOT, "evaluation.store_path": _ONE_ROOT,
+              "evaluation.checkpoints_dir": _ONE_ROOT, "evaluation.logs_dir": _ONE_ROOT,
+              "evaluation.analysis_dir": _ONE_ROOT}
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message is one line that names the key and the fix."""
+
+
+@dataclass
+class PathsConfig:
+    # The results root: checkpoints/ (the contract both daemons share), runs/ (the trainer's),
+    # eval_logs/, analysis/ and results.duckdb (the eval daemon's). common/contract.py Layout
+    # derives every path from it, so the trainer and the eval daemon always agree.
+    results_dir: str = "results"
 
 
 @dataclass
@@ -80,7 +94,6 @@ class TrainingConfig:
     # Recompute layer activations in the backward: ~30% slower steps, far less memory. Not needed
     # at the default config on an 80 GB GPU (see max_tokens_per_micro_batch).
     gradient_checkpointing: bool = False
-    output_dir: str = "results"
     run_id: str = ""  # empty: a new id from the timestamp; an existing id resumes that run
     keep_last_checkpoints: int = 0  # 0: keep all published checkpoints
 
@@ -106,10 +119,6 @@ class EvaluationConfig:
     reconcile_interval_s: float = 30.0
     grading_timeout_s: float = 5.0
     grading_workers: int = 2
-    store_path: str = "results/results.duckdb"
-    checkpoints_dir: str = "results/checkpoints"
-    logs_dir: str = "results/eval_logs"
-    analysis_dir: str = "results/analysis"
     worker_id: str = ""  # empty: hostname-pid
     hf_batch_size: int = 512  # prompts decoded together with engine: hf (halved on out-of-memory)
     # engine hf: batch_loop = mathsft's decoding loop (preallocated KV cache, CUDA graphs on a GPU;
@@ -129,6 +138,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -182,6 +192,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"{source}: {prefix}{key} is gone; {MOVED_KEYS[prefix + key]}")
         if key not in names:
             raise ConfigError(
                 f"{source}: unknown key {prefix}{key}; valid keys here: {', '.join(sorted(names))}"
@@ -236,6 +248,7 @@ def _require(condition: bool, message: str) -> None:
 def validate(config: Config, source: str = "<config>") -> None:
     """Check every option and combination; each message names the key and the fix."""
     t, e, m, d, lg = config.training, config.evaluation, config.model, config.data, config.logging
+    _require(config.paths.results_dir.strip() != "", f"{source}: paths.results_dir is empty; set a directory (default results)")
     _require(m.name_or_path != "", f"{source}: model.name_or_path is empty; set a hub id or a local directory")
     _require(m.dtype in ("bfloat16", "float32"), f"{source}: model.dtype must be bfloat16 or float32")
     _require(m.attn_implementation in ("varlen", "sdpa", "flash_attention_2", "flex_attention", "eager"),

@@ -85,10 +85,10 @@ def _start_wandb(config: Config, run_name: str, job_type: str):
         return None
     if mode == "offline" and not os.environ.get("WANDB_MODE"):
         logger.warning("no W&B API key (WANDB_API_KEY or ~/.netrc): logging offline under %s/wandb; "
-                       "upload later with `wandb sync`", config.training.output_dir)
+                       "upload later with `wandb sync`", config.paths.results_dir)
     import wandb  # slow to import; only when W&B is on
 
-    directory = Path(config.training.output_dir)
+    directory = Path(config.paths.results_dir)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity, group=lg.wandb_group or "math-sft",

@@ -41,6 +41,7 @@ from common.config import (
 )
 from common.contract import (
     Checkpoint,
+    Layout,
     ManifestError,
     Sidecar,
     WarnOnce,
@@ -80,6 +81,7 @@ TEST_DELAY_ENV = "MATHSFT_TEST_EVAL_DELAY_S"
 @dataclass
 class Context:
     config: Config
+    layout: Layout  # where checkpoints are read and results written (common/contract.py)
     device: str
     eval_set: EvalSet
     sampling: Sampling
@@ -118,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                         seed=e.seed)
     worker_id = e.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     grader = Grader(workers=e.grading_workers)
-    ctx = Context(config=config, device=device, eval_set=eval_set, sampling=sampling,
+    layout = Layout.of(config)
+    ctx = Context(config=config, layout=layout, device=device, eval_set=eval_set, sampling=sampling,
                   eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
                   worker_id=worker_id, engine=make_engine(config, device), grader=grader, stop=stop,
-                  trackers=Trackers(config, worker_id, Path(e.logs_dir) / "eval_metrics.jsonl"))
+                  trackers=Trackers(config, worker_id, layout.eval_logs / "eval_metrics.jsonl"))
     logger.info("eval worker %s: engine %s on %s, eval key %s, store %s", worker_id, e.engine, device,
-                ctx.eval_key, e.store_path)
+                ctx.eval_key, layout.store)
 
     # ---- work, then clean up on every path ----
     try:
@@ -213,7 +216,7 @@ def serve(ctx: Context, once: bool) -> None:
     e = ctx.config.evaluation
     wakeups: queue.Queue = queue.Queue()
     # The observer starts before the first scan: a checkpoint published in between is seen by one or the other.
-    observer = None if once else start_observer(Path(e.checkpoints_dir), wakeups, e.poll_observer)
+    observer = None if once else start_observer(ctx.layout.checkpoints, wakeups, e.poll_observer)
     warn = WarnOnce()
     idle_logged = False
     try:
@@ -227,7 +230,7 @@ def serve(ctx: Context, once: bool) -> None:
                 logger.info("nothing pending; exiting (--once)")
                 return
             if not idle_logged:
-                logger.info("all published checkpoints are evaluated; watching %s", e.checkpoints_dir)
+                logger.info("all published checkpoints are evaluated; watching %s", ctx.layout.checkpoints)
                 idle_logged = True
             wait_for_change(wakeups, e.reconcile_interval_s, lambda: ctx.stop.requested)
     finally:
@@ -237,9 +240,9 @@ def serve(ctx: Context, once: bool) -> None:
 
 def pending_work(ctx: Context, warn: WarnOnce) -> list[Checkpoint]:
     e = ctx.config.evaluation
-    published = scan_published(Path(e.checkpoints_dir), warn)
+    published = scan_published(ctx.layout.checkpoints, warn)
     try:
-        recorded = recorded_keys(e.store_path)
+        recorded = recorded_keys(ctx.layout.store)
     except StoreError as exc:  # the store is busy or unreadable now; the next scan tries again
         logger.warning("cannot read the store (%s); retrying in %.0f s", exc, e.reconcile_interval_s)
         return []
@@ -252,7 +255,7 @@ def evaluate_single(ctx: Context, model: str) -> int:
         logger.error("--checkpoint %s: no such model directory; pass a Hugging Face model directory or a hub id", model)
         return CONFIG_ERROR_EXIT_CODE
     checkpoint = checkpoint_from_argument(model)
-    if is_recorded(ctx.config.evaluation.store_path, checkpoint.run_id, checkpoint.step, ctx.eval_key):
+    if is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key):
         logger.info("%s (run %s step %d) is already recorded for %s; nothing to do", model, checkpoint.run_id,
                     checkpoint.step, ctx.eval_key)
         return 0
@@ -284,7 +287,7 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
     except CheckpointLoadError as exc:
         logger.error("run %s step %d failed to load: %s; recorded as failed, continuing", checkpoint.run_id,
                      checkpoint.step, exc)
-        commit_and_mark(Path(e.store_path), evaluation_row(ctx, checkpoint, started_at, error=str(exc)), [],
+        commit_and_mark(ctx.layout.store, evaluation_row(ctx, checkpoint, started_at, error=str(exc)), [],
                         checkpoint.run_dir)
         return False
     except Shutdown:
@@ -293,9 +296,9 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
         raise
     # ---- record: not abortable, files first, then the store commit (the point of truth) ----
     row = evaluation_row(ctx, checkpoint, started_at, result=result, total_s=time.perf_counter() - started)
-    write_eval_files(Path(e.logs_dir), Path(e.analysis_dir), checkpoint.step, file_timestamp(), _file_header(row),
+    write_eval_files(ctx.layout.eval_logs, ctx.layout.analysis, checkpoint.step, file_timestamp(), _file_header(row),
                      result.samples, result.metrics, result.timings)
-    if not commit_and_mark(Path(e.store_path), row, result.samples, checkpoint.run_dir):
+    if not commit_and_mark(ctx.layout.store, row, result.samples, checkpoint.run_dir):
         logger.warning("run %s step %d was recorded by another worker meanwhile; this result is not stored",
                        checkpoint.run_id, checkpoint.step)
         return True

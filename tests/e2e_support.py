@@ -27,15 +27,13 @@ TEST_HOOKS = ("MATHSFT_TEST_PUBLISH_DELAY_S", "MATHSFT_TEST_PUBLISH_DELAY_FROM_S
 TEST_INPUTS = DemoInputs(train_problems=64, test_problems=6, hidden_size=64, num_layers=1)
 
 
-def demo_paths(root: Path, store: str = "results.duckdb") -> list[str]:
+def demo_paths(root: Path) -> list[str]:
     """Overrides that move every path of config/demo.yaml under root."""
     results = root / "results"
     return [
         f"model.name_or_path={root / 'model'}", f"data.train_source={root / 'data'}",
         f"evaluation.test_source={root / 'data'}", f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}",
-        f"training.output_dir={results}", f"evaluation.checkpoints_dir={results / 'checkpoints'}",
-        f"evaluation.store_path={results / store}", f"evaluation.logs_dir={results / 'eval_logs'}",
-        f"evaluation.analysis_dir={results / 'analysis'}",
+        f"paths.results_dir={results}",
     ]
 
 
@@ -100,13 +98,15 @@ def run(module: str, args: list[str], timeout: float = 240, **env: str) -> subpr
                           capture_output=True, text=True, timeout=timeout)
 
 
-def evaluations(db: Path) -> list[tuple]:
-    """(run_id, step, status, number of sample rows) per stored evaluation, sorted."""
+def evaluations(db: Path, eval_key_like: str = "%") -> list[tuple]:
+    """(run_id, step, status, number of sample rows) per stored evaluation (of the eval keys that
+    match the SQL LIKE pattern), sorted."""
     try:
         with connect_read_only(db) as con:
             return con.execute(
                 "SELECT e.run_id, e.step, e.status, (SELECT count(*) FROM samples s WHERE s.run_id = e.run_id "
-                "AND s.step = e.step AND s.eval_key = e.eval_key) FROM evaluations e ORDER BY 1, 2, 3").fetchall()
+                "AND s.step = e.step AND s.eval_key = e.eval_key) FROM evaluations e WHERE e.eval_key LIKE ? "
+                "ORDER BY 1, 2, 3", [eval_key_like]).fetchall()
     except StoreMissingError:
         return []
 

@@ -74,3 +74,14 @@ def test_readme_documents_every_config_key():
     for section in dataclasses.fields(Config):
         for key in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(Config(), section.name)):
             assert f"`{section.name}.{key.name}`" in readme, f"README's configuration reference lacks {section.name}.{key.name}"
+
+
+def test_one_results_root_and_the_old_path_keys_name_it(tmp_path):
+    from common.contract import Layout
+
+    layout = Layout.of(load_config(None, [f"paths.results_dir={tmp_path}"]))
+    assert (layout.checkpoints, layout.runs, layout.store) == (tmp_path / "checkpoints", tmp_path / "runs",
+                                                               tmp_path / "results.duckdb")
+    for old in ("training.output_dir", "evaluation.checkpoints_dir", "evaluation.store_path"):
+        with pytest.raises(ConfigError, match="paths.results_dir"):
+            load_config(None, [f"{old}={tmp_path}"])

@@ -56,7 +56,7 @@ def test_malformed_training_row_names_the_file(inputs, tmp_path):
     bad.parent.mkdir(parents=True)
     bad.write_text(json.dumps({"problem": "What is $1+1$?", "solution": "It is two.", "level": "Level 1"}))
     args = ["--config", DEMO_CONFIG, *demo_paths(inputs), f"data.train_source={data}",
-            f"training.output_dir={tmp_path / 'results'}"]
+            f"paths.results_dir={tmp_path / 'results'}"]
     done = run("train_daemon", args)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{bad}: solution has no balanced \\boxed{{...}}" in last_line(done.stderr)
@@ -76,13 +76,13 @@ def test_malformed_test_row_names_file_and_line(inputs, tmp_path):
 def test_model_path_that_does_not_exist_is_named(inputs, tmp_path):
     missing = tmp_path / "no_such_model"
     done = run("train_daemon", ["--config", DEMO_CONFIG, *demo_paths(inputs), f"model.name_or_path={missing}",
-                                f"training.output_dir={tmp_path / 'results'}"])
+                                f"paths.results_dir={tmp_path / 'results'}"])
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"model.name_or_path: model directory {missing} does not exist" in last_line(done.stderr)
 
     # bin/eval --checkpoint with a path that does not exist: the same kind of error, nothing recorded.
     db = tmp_path / "results" / "results.duckdb"
-    done = run("eval_daemon", ["--config", DEMO_CONFIG, *demo_paths(inputs), f"evaluation.store_path={db}",
+    done = run("eval_daemon", ["--config", DEMO_CONFIG, *demo_paths(inputs), f"paths.results_dir={tmp_path / 'results'}",
                                "evaluation.engine=hf", "--checkpoint", str(missing)])
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"--checkpoint {missing}: no such model directory" in done.stderr
@@ -98,7 +98,7 @@ def test_model_config_that_contradicts_itself_is_named(inputs, tmp_path):
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
     done = run("train_daemon", ["--config", DEMO_CONFIG, *demo_paths(inputs), f"model.name_or_path={model}",
-                                f"training.output_dir={tmp_path / 'results'}"])
+                                f"paths.results_dir={tmp_path / 'results'}"])
     assert done.returncode == 2, done.stderr[-2000:]
     line = last_line(done.stderr)
     assert f"from '{model}'" in line and "set model" in line and "layer_types" in line

@@ -46,9 +46,9 @@ def train_args(root: Path) -> list[str]:
             "training.warmup_steps=2", "logging.log_every=1", "logging.progress_bar=false"]
 
 
-def eval_args(root: Path, store: str = "results.duckdb") -> list[str]:
+def eval_args(root: Path, max_tokens: int = 24) -> list[str]:
     # Reconcile every 2 s as well as watchdog events: the test does not depend on event timing.
-    return ["--config", DEMO_CONFIG, *demo_paths(root, store), "evaluation.engine=hf", "evaluation.max_tokens=24",
+    return ["--config", DEMO_CONFIG, *demo_paths(root), "evaluation.engine=hf", f"evaluation.max_tokens={max_tokens}",
             "evaluation.reconcile_interval_s=2", "evaluation.entropy_sample_size=2", "logging.progress_bar=false"]
 
 
@@ -60,8 +60,8 @@ def resume_step(root: Path) -> int | None:
         return None
 
 
-def recorded_steps(db: Path) -> list[int]:
-    return [step for run_id, step, _, _ in evaluations(db) if run_id == RUN_ID]
+def recorded_steps(db: Path, eval_key_like: str = "%") -> list[int]:
+    return [step for run_id, step, _, _ in evaluations(db, eval_key_like) if run_id == RUN_ID]
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +120,14 @@ def scenario(tmp_path_factory):
         seen["final"] = evaluations(db)
         seen["manifest_final"] = read_manifest(run_dir).steps()
 
-        # 5. E3, started after training finished, with a store of its own
-        late_db = results / "late.duckdb"
-        e3 = Proc("eval_daemon", eval_args(root, "late.duckdb"), root, "eval-3")
+        # 5. E3, started after training finished, with an eval configuration of its own (a new eval key)
+        late = "%-m20-%"
+        e3 = Proc("eval_daemon", eval_args(root, max_tokens=20), root, "eval-3")
         procs.append(e3)
-        e3.wait_for(lambda: recorded_steps(late_db) == STEPS, f"steps {STEPS} recorded in the late store")
+        e3.wait_for(lambda: recorded_steps(db, late) == STEPS, f"steps {STEPS} recorded under the new eval key")
         e3.process.send_signal(signal.SIGTERM)
         seen["e3_code"] = e3.wait(60)
-        seen["late"] = evaluations(late_db)
+        seen["late"] = evaluations(db, late)
     finally:
         seen["reads"] = reader.stop()
         for proc in procs:

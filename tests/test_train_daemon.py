@@ -28,7 +28,7 @@ def _args(model_dir, data_dir, output_dir, run_id, **extra):
         "model.name_or_path": model_dir, "data.train_source": data_dir, "model.max_seq_length": 256,
         "training.batch_size": 2, "training.gradient_accumulation_steps": 2, "training.max_steps": MAX_STEPS,
         "training.eval_every": EVAL_EVERY, "training.save_resume_every": 4, "training.warmup_steps": 2,
-        "training.learning_rate": 1e-3, "training.output_dir": output_dir, "training.run_id": run_id,
+        "training.learning_rate": 1e-3, "paths.results_dir": output_dir, "training.run_id": run_id,
         "training.device": "cpu", "logging.wandb": False, "logging.progress_bar": False, **extra,
     }
     return [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()]
@@ -222,7 +222,7 @@ def test_starting_a_finished_run_again_publishes_and_trains_nothing(reference, t
     ("training.eval_every=0", "training.eval_every"),
 ])
 def test_config_errors_exit_2_with_one_line_naming_the_key(tmp_path, override, key):
-    result = _run(["--config", "config/sft_config.yaml", f"training.output_dir={tmp_path}", override], timeout=120)
+    result = _run(["--config", "config/sft_config.yaml", f"paths.results_dir={tmp_path}", override], timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in result.stderr
@@ -231,7 +231,7 @@ def test_config_errors_exit_2_with_one_line_naming_the_key(tmp_path, override, k
 
 def test_missing_model_path_is_one_clear_error(tmp_path, math_dir):
     result = _run([f"model.name_or_path={tmp_path}/no-such-model", f"data.train_source={math_dir}",
-                   f"training.output_dir={tmp_path}"], timeout=120)
+                   f"paths.results_dir={tmp_path}"], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "no-such-model does not exist" in line and "model.name_or_path" in line
@@ -241,7 +241,7 @@ def test_unreadable_dataset_is_one_clear_error(tmp_path, tiny_model_dir):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"problem": "What is 1+1?", "solution": "$\\\\boxed{2}$"}\n{not json\n')
     result = _run([f"model.name_or_path={tiny_model_dir}", f"data.train_source={bad}",
-                   f"training.output_dir={tmp_path}"], timeout=120)
+                   f"paths.results_dir={tmp_path}"], timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "train.jsonl line 2" in line

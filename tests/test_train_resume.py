@@ -131,7 +131,7 @@ def test_trim_log_drops_redone_steps_and_torn_lines(tmp_path):
 
 
 def test_a_new_run_gets_an_id_name_and_group(tmp_path):
-    config = load_config(None, [f"training.output_dir={tmp_path}"])
+    config = load_config(None, [f"paths.results_dir={tmp_path}"])
     run = resolve_run(config)
     assert run.is_new and run.run_id.startswith("sft-") and run.run_name.startswith("math-sft-dual-gpu-")
     assert config.training.run_id == run.run_id and config.logging.wandb_group == run.run_id == run.wandb_group
@@ -140,12 +140,12 @@ def test_a_new_run_gets_an_id_name_and_group(tmp_path):
 
 
 def test_an_existing_run_keeps_its_name_and_refuses_a_different_data_order(tmp_path):
-    first = load_config(None, [f"training.output_dir={tmp_path}", "training.run_id=r1"])
+    first = load_config(None, [f"paths.results_dir={tmp_path}", "training.run_id=r1"])
     run = resolve_run(first)
     write_run_files(run, first)
-    again = resolve_run(load_config(None, [f"training.output_dir={tmp_path}", "training.run_id=r1",
+    again = resolve_run(load_config(None, [f"paths.results_dir={tmp_path}", "training.run_id=r1",
                                            "training.max_steps=500"]))
     assert not again.is_new and again.run_name == run.run_name and again.wandb_group == "r1"
-    changed = load_config(None, [f"training.output_dir={tmp_path}", "training.run_id=r1", "training.batch_size=8"])
+    changed = load_config(None, [f"paths.results_dir={tmp_path}", "training.run_id=r1", "training.batch_size=8"])
     with pytest.raises(ConfigError, match="training.batch_size is 8 but run r1 was started with 40"):
         resolve_run(changed)

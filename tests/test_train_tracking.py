@@ -21,7 +21,7 @@ def no_wandb_credentials(monkeypatch, tmp_path):
 
 
 def test_local_jsonl_gets_one_record_per_log_keyed_by_train_step(tmp_path):
-    config = load_config(None, ["logging.wandb=false", f"training.output_dir={tmp_path}"])
+    config = load_config(None, ["logging.wandb=false", f"paths.results_dir={tmp_path}"])
     tracker = start_tracking(config, "math-sft-dual-gpu-x", "train", tmp_path / "run" / "train_log.jsonl")
     tracker.log({"train/loss": 2.5, "train/learning_rate": 1e-5}, step=1)
     tracker.log({"train/loss": 2.0, "train/learning_rate": 2e-5}, step=2)
@@ -42,7 +42,7 @@ def test_mode_is_offline_without_a_key_and_online_with_one(no_wandb_credentials,
 
 
 def test_offline_wandb_run_starts_without_a_key_in_the_shared_group(no_wandb_credentials, tmp_path, caplog):
-    config = load_config(None, [f"training.output_dir={tmp_path / 'results'}", "logging.wandb_group=run-42"])
+    config = load_config(None, [f"paths.results_dir={tmp_path / 'results'}", "logging.wandb_group=run-42"])
     tracker = start_tracking(config, "math-sft-dual-gpu-test", "train", None)
     run = tracker._wandb_run
     assert run is not None and run.group == "run-42" and run.name == "math-sft-dual-gpu-test"

@@ -1,6 +1,6 @@
 """Resume state: everything needed to continue a run exactly where it stopped.
 
-Used by `bin/train`. Layout under `<output_dir>/runs/<run_id>/resume/`:
+Used by `bin/train`. Layout under `<results_dir>/runs/<run_id>/resume/` (private to the trainer):
 
     latest.json           {"step": N, "dir": "step_00000N"}: the only pointer readers follow
     step_00000N/          model.safetensors (float32 master weights), optimizer.pt,

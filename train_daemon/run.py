@@ -1,6 +1,6 @@
 """Run identity and directories: a new run, or the existing run that `training.run_id` names.
 
-Used by `bin/train`. Layout under `<output_dir>/`:
+Used by `bin/train`. Layout under `<results_dir>/` (common/contract.py Layout):
 
     runs/<run_id>/run.json          identity (run id, W&B run name and group) + the config it started with
     runs/<run_id>/config.json       the fully resolved config of the latest start
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Config, ConfigError, to_dict
-from common.contract import now_iso
+from common.contract import Layout, now_iso
 from common.durable import atomic_write_json
 
 # Settings that fix the data stream and the model; a resumed run must keep them.
@@ -36,8 +36,8 @@ class Run:
     run_id: str
     run_name: str  # W&B run name, kept across resumes
     wandb_group: str  # shared with the eval daemon's W&B run (written into each checkpoint sidecar)
-    run_dir: Path  # <output_dir>/runs/<run_id>
-    checkpoints_dir: Path  # <output_dir>/checkpoints/<run_id>
+    run_dir: Path  # Layout.run_state: <results_dir>/runs/<run_id> (the trainer's own)
+    checkpoints_dir: Path  # Layout.run_checkpoints: <results_dir>/checkpoints/<run_id> (the contract)
     is_new: bool
 
     @property
@@ -52,9 +52,9 @@ class Run:
 def resolve_run(config: Config) -> Run:
     """The run to start or resume (nothing is written yet); fills training.run_id and
     logging.wandb_group into the config, so they are part of the resolved config."""
-    output = Path(config.training.output_dir)
-    run_id = config.training.run_id or _new_run_id(output)
-    run_dir = output / "runs" / run_id
+    layout = Layout.of(config)
+    run_id = config.training.run_id or _new_run_id(layout)
+    run_dir = layout.run_state(run_id)
     info_path = run_dir / "run.json"
     if info_path.exists():
         info = _read_run_info(info_path)
@@ -64,7 +64,7 @@ def resolve_run(config: Config) -> Run:
         run_name, group, is_new = f"math-sft-dual-gpu-{time.strftime('%Y%m%d-%H%M%S')}", config.logging.wandb_group or run_id, True
     config.training.run_id, config.logging.wandb_group = run_id, group
     return Run(run_id=run_id, run_name=run_name, wandb_group=group, run_dir=run_dir,
-               checkpoints_dir=output / "checkpoints" / run_id, is_new=is_new)
+               checkpoints_dir=layout.run_checkpoints(run_id), is_new=is_new)
 
 
 def write_run_files(run: Run, config: Config) -> None:
@@ -77,10 +77,10 @@ def write_run_files(run: Run, config: Config) -> None:
     atomic_write_json(run.run_dir / "config.json", to_dict(config))
 
 
-def _new_run_id(output: Path) -> str:
+def _new_run_id(layout: Layout) -> str:
     base = f"sft-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id, suffix = base, 1
-    while (output / "runs" / run_id).exists():  # two starts within one second
+    while layout.run_state(run_id).exists():  # two starts within one second
         suffix += 1
         run_id = f"{base}-{suffix}"
     return run_id

@@ -37,12 +37,12 @@ from common.config import (
     add_config_arguments,
     load_config,
 )
-from common.contract import ManifestError, read_manifest
+from common.contract import Layout, ManifestError, read_manifest
 from common.demo.follow import Progress
 from common.demo.inputs import DemoInputs, ensure_inputs
 from common.store.schema import StoreError, StoreMissingError, connect_read_only
 
-REPO = Path(__file__).resolve().parents[1]  # common/ -> the repository root
+REPO = Path(__file__).resolve().parents[2]  # common/demo/ -> the repository root
 DEFAULT_CONFIG = "config/demo.yaml"
 POLL_S = 0.5
 STORE_POLL_S = 3.0  # the store is also read after each evaluation result line
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bin/demo: error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     run_id = config.training.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    store, logs = Path(config.evaluation.store_path), Path(config.training.output_dir) / "logs"
+    layout = Layout.of(config)
+    store, logs = layout.store, layout.root / "logs"  # logs/: the demo's own (the daemons' stdout)
     logs.mkdir(parents=True, exist_ok=True)
 
     # ---- inputs: the embedded dataset and the tiny model (only when missing)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- evaluated; then stop the eval daemon (SIGTERM: its normal shutdown)
     # Progress bars off: the daemons write to log files, and the demo prints their progress lines.
     quiet = ["--config", args.config, "logging.progress_bar=false"]
-    progress = Progress(logs, Path(config.training.output_dir) / "runs" / run_id / "train_log.jsonl", run_id,
+    progress = Progress(logs, layout.run_state(run_id) / "train_log.jsonl", run_id,
                         config.training.max_steps)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM takes Ctrl-C's path
     daemons: list[subprocess.Popen] = []
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- report: the progression table and the charts, from the store
     try:
         run_tool(["bin/plot", "--summary", "--db", str(store), "--run", run_id])
-        run_tool(["bin/plot", "--db", str(store), "--run", run_id, "--out", str(Path(config.training.output_dir) / "plots")])
+        run_tool(["bin/plot", "--db", str(store), "--run", run_id, "--out", str(layout.root / "plots")])
         verdict = check_learning(rows)
     except DemoFailed as exc:
         print(f"bin/demo: FAILED: {exc}; see {logs}/", file=sys.stderr)
@@ -157,12 +158,7 @@ def engine_note(engine: str) -> str:
 
 
 def check_demo_config(config: Config, source: str) -> None:
-    """What the demo relies on beyond common.config.validate: the eval daemon must watch the
-    directory the trainer publishes into, and the run must end."""
-    published = Path(config.training.output_dir) / "checkpoints"
-    if Path(config.evaluation.checkpoints_dir) != published:
-        raise ConfigError(f"{source}: evaluation.checkpoints_dir is {config.evaluation.checkpoints_dir} but the "
-                          f"trainer publishes into {published}; set evaluation.checkpoints_dir={published}")
+    """What the demo relies on beyond common.config.validate: the run must end."""
     if config.training.max_steps <= 0:
         raise ConfigError(f"{source}: training.max_steps must be > 0 for the demo (it waits for the end of training)")
 
@@ -217,7 +213,7 @@ def follow(config: Config, run_id: str, train: subprocess.Popen, evaluator: subp
            progress: Progress) -> dict[int, tuple]:
     """Print progress until training finished and every step in the manifest has a store record;
     returns {step: (status, format_accuracy, accuracy, error)}. Raises DemoFailed when a daemon dies."""
-    run_dir = Path(config.evaluation.checkpoints_dir) / run_id
+    run_dir = Layout.of(config).run_checkpoints(run_id)
     last_activity = last_store_read = time.monotonic()
     trained = False
     while True:
@@ -235,7 +231,7 @@ def follow(config: Config, run_id: str, train: subprocess.Popen, evaluator: subp
                              f"{last_line(progress.logs['eval'])} (full log: {progress.logs['eval']}){hint}")
         if trained and (new_result or time.monotonic() - last_store_read > STORE_POLL_S):
             last_store_read = time.monotonic()
-            rows = recorded(Path(config.evaluation.store_path), run_id)
+            rows = recorded(Layout.of(config).store, run_id)
             steps = published_steps(run_dir)
             if steps and set(steps) <= set(rows):
                 return {step: rows[step] for step in steps}

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import duckdb
 
+from common.config import PathsConfig
+from common.contract import Layout
 from common.store.schema import (
     VIEWS,
     StoreBusyError,
@@ -37,8 +39,8 @@ from common.store.schema import (
     one_line_error,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DB = REPO_ROOT / "results" / "results.duckdb"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DB = Layout(REPO_ROOT / PathsConfig().results_dir).store  # what bin/eval writes by default
 USAGE_ERROR_EXIT_CODE = 2
 BUSY_EXIT_CODE = 1
 BROKEN_PIPE_EXIT_CODE = 1  # the reader closed stdout early (`| head`); the output is cut short
