@@ -2,6 +2,7 @@
 # then activates it. Nothing is installed by hand.
 #   MATHSFT_VENV   where the environment lives (default: .venv in the repository)
 #   MATHSFT_ENGINE cpu | gpu (default: gpu when nvidia-smi sees a GPU, else cpu)
+#   MATHSFT_SKIP_SETUP=1  use MATHSFT_VENV as it is (several checkouts sharing one environment)
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MATHSFT_VENV:-$REPO_ROOT/.venv}"
@@ -10,7 +11,7 @@ if [ -z "${MATHSFT_ENGINE:-}" ]; then
 fi
 STAMP="$VENV/.mathsft-stamp"
 WANT="$(cat "$REPO_ROOT/pyproject.toml" "$REPO_ROOT/bin/_env.sh" | sha256sum | cut -c1-16)-$MATHSFT_ENGINE"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+if [ "${MATHSFT_SKIP_SETUP:-0}" != 1 ] && { [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; }; then
   echo "[mathsft] setting up $VENV ($MATHSFT_ENGINE); first time takes a few minutes" >&2
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true

@@ -233,7 +233,7 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
     found = row[0] if row else None
     if found != str(SCHEMA_VERSION):
         raise StoreError(f"{db_path} has schema version {found}, this code writes version {SCHEMA_VERSION}; "
-                         f"move the file aside (or point evaluation.store_path elsewhere) to start a new store")
+                         f"move the file aside (or set another paths.results_dir) to start a new store")
 
 
 # ---- connections ---------------------------------------------------------------------------------
