@@ -37,12 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import (
-        AutoTokenizer,
-        GenerationConfig,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     start = time.perf_counter()
     config = Qwen2Config(**QWEN25_MATH_15B, torch_dtype="bfloat16")

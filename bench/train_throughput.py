@@ -37,13 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
 from common.data import load_math, load_prompt_template, math_to_sft_pairs  # noqa: E402
-from train_daemon.batching import (  # noqa: E402
-    IGNORE_INDEX,
-    ExampleStream,
-    build_micro_batches,
-    padded_micro_batch,
-    tokenize_pairs,
-)
+from train_daemon.batching import IGNORE_INDEX, ExampleStream, build_micro_batches, padded_micro_batch, tokenize_pairs  # noqa: E402
 from train_daemon.loading import choose_device, load_model, load_tokenizer  # noqa: E402
 from train_daemon.schedule import make_scheduler  # noqa: E402
 from train_daemon.step import forward_backward, make_optimizer, train_step  # noqa: E402

@@ -72,6 +72,13 @@ class Layout:
     def run_state(self, run_id: str) -> Path:
         return self.runs / run_id
 
+    def train_log(self, run_id: str) -> Path:
+        """The trainer's metrics, one JSON line per logged step (read by bin/demo)."""
+        return self.run_state(run_id) / "train_log.jsonl"
+
+    def resume_state(self, run_id: str) -> Path:
+        return self.run_state(run_id) / "resume"
+
     @property
     def eval_logs(self) -> Path:
         return self.root / "eval_logs"

@@ -30,45 +30,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import (
-    CONFIG_ERROR_EXIT_CODE,
-    Config,
-    ConfigError,
-    EvaluationConfig,
-    add_config_arguments,
-    load_config,
-    to_dict,
-)
-from common.contract import (
-    Checkpoint,
-    Layout,
-    ManifestError,
-    Sidecar,
-    WarnOnce,
-    checkpoint_from_argument,
-    now_iso,
-    read_sidecar,
-    scan_published,
-)
+from common.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, EvaluationConfig, add_config_arguments,
+                           load_config, to_dict)
+from common.contract import (Checkpoint, Layout, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument, now_iso,
+                             read_sidecar, scan_published)
 from common.data import DatasetError
 from common.grading import Grader, GraderError
 from common.store.schema import StoreError
 from common.store.writer import eval_key, is_recorded, recorded_keys
-from eval_daemon.engines.base import (
-    CheckpointLoadError,
-    GenerationEngine,
-    Sampling,
-    is_local,
-)
+from eval_daemon.engines.base import CheckpointLoadError, GenerationEngine, Sampling, is_local
 from eval_daemon.engines.factory import make_engine
 from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation
-from eval_daemon.records import (
-    Trackers,
-    commit_and_mark,
-    file_timestamp,
-    wandb_metrics,
-    write_eval_files,
-)
+from eval_daemon.records import Trackers, commit_and_mark, file_timestamp, wandb_metrics, write_eval_files
 from eval_daemon.schedule import pending
 from eval_daemon.shutdown import Shutdown, StopSignal
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change

@@ -18,13 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.config import EvaluationConfig
-from common.data import (
-    MathExample,
-    build_prompt,
-    load_math,
-    load_prompt_template,
-    select_subset,
-)
+from common.data import MathExample, build_prompt, load_math, load_prompt_template, select_subset
 from common.grading import Grader
 from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
 from eval_daemon.entropy import sample_indices

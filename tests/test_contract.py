@@ -8,24 +8,9 @@ import os
 
 import pytest
 
-from common.contract import (
-    MANIFEST_NAME,
-    SIDECAR_NAME,
-    ManifestError,
-    Marker,
-    Sidecar,
-    apply_retention,
-    is_evaluated,
-    load_or_new_manifest,
-    mark_evaluated,
-    publish_checkpoint,
-    read_manifest,
-    read_sidecar,
-    remove_stale_temp_dirs,
-    step_dir_name,
-    unpublished_step_dirs,
-    write_sidecar,
-)
+from common.contract import (MANIFEST_NAME, SIDECAR_NAME, ManifestError, Marker, Sidecar, apply_retention, is_evaluated,
+                             load_or_new_manifest, mark_evaluated, publish_checkpoint, read_manifest, read_sidecar,
+                             remove_stale_temp_dirs, step_dir_name, unpublished_step_dirs, write_sidecar)
 from common.durable import atomic_write_json
 
 

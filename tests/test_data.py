@@ -5,15 +5,8 @@ import json
 import pytest
 
 from common.boxed import last_boxed
-from common.data import (
-    DatasetError,
-    build_prompt,
-    build_sft_response,
-    load_math,
-    load_prompt_template,
-    load_sft_pairs,
-    select_subset,
-)
+from common.data import (DatasetError, build_prompt, build_sft_response, load_math, load_prompt_template,
+                         load_sft_pairs, select_subset)
 
 
 @pytest.mark.parametrize("text, expected", [

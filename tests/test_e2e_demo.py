@@ -13,14 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from e2e_support import (
-    DEMO_CONFIG,
-    REPO,
-    TEST_INPUTS,
-    demo_paths,
-    environment,
-    evaluations,
-)
+from e2e_support import DEMO_CONFIG, REPO, TEST_INPUTS, demo_paths, environment, evaluations
 
 from common.config import load_config
 from common.demo.follow import LineFollower, loss_line, shown

@@ -22,15 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import (
-    DEMO_CONFIG,
-    TEST_INPUTS,
-    Proc,
-    ReaderLoop,
-    build_inputs,
-    demo_paths,
-    evaluations,
-)
+from e2e_support import DEMO_CONFIG, TEST_INPUTS, Proc, ReaderLoop, build_inputs, demo_paths, evaluations
 
 from common.contract import read_manifest
 

@@ -15,31 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from common.contract import (
-    MANIFEST_NAME,
-    Checkpoint,
-    Sidecar,
-    WarnOnce,
-    checkpoint_from_argument,
-    marker_path,
-    publish_checkpoint,
-    scan_published,
-)
+from common.contract import (MANIFEST_NAME, Checkpoint, Sidecar, WarnOnce, checkpoint_from_argument, marker_path,
+                             publish_checkpoint, scan_published)
 from common.data import load_math
 from common.grading import Grader
-from eval_daemon.engines.base import (
-    CheckpointLoadError,
-    Generation,
-    Sampling,
-    check_model_dir,
-    model_fingerprint,
-)
+from eval_daemon.engines.base import CheckpointLoadError, Generation, Sampling, check_model_dir, model_fingerprint
 from eval_daemon.engines.hf import HfEngine
-from eval_daemon.entropy import (
-    entropy_from_top_logprobs,
-    mean_entropy_from_logits,
-    sample_indices,
-)
+from eval_daemon.entropy import entropy_from_top_logprobs, mean_entropy_from_logits, sample_indices
 from eval_daemon.evaluate import EvalSet, run_evaluation
 from eval_daemon.records import commit_and_mark, write_eval_files
 from eval_daemon.schedule import pending

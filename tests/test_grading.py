@@ -14,18 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from common.grading import (
-    Grader,
-    default_grader,
-    extract_answer,
-    fast_verdict,
-    format_failure_type,
-    grade_batch,
-    ground_truth_answer,
-    r1_zero_reward,
-    shutdown,
-    strip_string,
-)
+from common.grading import (Grader, default_grader, extract_answer, fast_verdict, format_failure_type, grade_batch,
+                            ground_truth_answer, r1_zero_reward, shutdown, strip_string)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from store_fixtures import (
-    EVAL_KEY,
-    SAMPLING,
-    fill_synthetic_store,
-    summarise,
-    synthetic_samples,
-)
+from store_fixtures import EVAL_KEY, SAMPLING, fill_synthetic_store, summarise, synthetic_samples
 
 from common import grading
 from common.store import schema, writer

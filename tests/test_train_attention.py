@@ -11,11 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.config import load_config
 from common.data import SftPair
 from train_daemon.attention import ATTN_NAME
-from train_daemon.batching import (
-    build_micro_batches,
-    padded_micro_batch,
-    tokenize_pairs,
-)
+from train_daemon.batching import build_micro_batches, padded_micro_batch, tokenize_pairs
 from train_daemon.loading import load_model
 from train_daemon.loss import LinearCrossEntropy
 from train_daemon.step import forward_backward

@@ -7,23 +7,9 @@ import logging
 import pytest
 from transformers import AutoTokenizer
 
-from common.data import (
-    DatasetError,
-    SftPair,
-    load_math,
-    load_prompt_template,
-    math_to_sft_pairs,
-)
-from train_daemon.batching import (
-    IGNORE_INDEX,
-    ExampleStream,
-    build_micro_batches,
-    epoch_order,
-    packed_micro_batch,
-    padded_micro_batch,
-    shifted_targets,
-    tokenize_pairs,
-)
+from common.data import DatasetError, SftPair, load_math, load_prompt_template, math_to_sft_pairs
+from train_daemon.batching import (IGNORE_INDEX, ExampleStream, build_micro_batches, epoch_order, packed_micro_batch,
+                                   padded_micro_batch, shifted_targets, tokenize_pairs)
 from train_daemon.schedule import lr_multiplier, total_optimizer_steps
 
 

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.data import SftPair
-from train_daemon.batching import (
-    build_micro_batches,
-    packed_micro_batch,
-    padded_micro_batch,
-    tokenize_pairs,
-)
+from train_daemon.batching import build_micro_batches, packed_micro_batch, padded_micro_batch, tokenize_pairs
 from train_daemon.loss import response_loss_sum
 from train_daemon.step import forward_backward
 

@@ -13,14 +13,7 @@ from common.config import ConfigError, load_config
 from common.data import SftPair
 from train_daemon import resume as resume_module
 from train_daemon.batching import ExampleStream, build_micro_batches, tokenize_pairs
-from train_daemon.resume import (
-    ResumeError,
-    ResumeWriter,
-    TrainerState,
-    load_resume_state,
-    save_resume_state,
-    trim_log,
-)
+from train_daemon.resume import ResumeError, ResumeWriter, TrainerState, load_resume_state, save_resume_state, trim_log
 from train_daemon.run import resolve_run, write_run_files
 from train_daemon.schedule import make_scheduler
 from train_daemon.step import make_optimizer, train_step

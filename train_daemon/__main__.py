@@ -18,40 +18,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common.config import (
-    CONFIG_ERROR_EXIT_CODE,
-    Config,
-    ConfigError,
-    add_config_arguments,
-    load_config,
-    to_dict,
-)
-from common.contract import (
-    Sidecar,
-    is_evaluated,
-    load_or_new_manifest,
-    remove_stale_temp_dirs,
-)
+from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config, to_dict
+from common.contract import Sidecar, is_evaluated, load_or_new_manifest, remove_stale_temp_dirs
 from common.data import DatasetError
 from common.tracking import start_tracking
 from train_daemon.batching import ExampleStream, build_micro_batches, tokenize_pairs
-from train_daemon.loading import (
-    check_model_source,
-    choose_device,
-    load_model,
-    load_tokenizer,
-    load_training_pairs,
-)
+from train_daemon.loading import check_model_source, choose_device, load_model, load_tokenizer, load_training_pairs
 from train_daemon.metrics import LogWindow
 from train_daemon.publisher import CheckpointPublisher
-from train_daemon.resume import (
-    ResumeError,
-    ResumeWriter,
-    TrainerState,
-    load_resume_state,
-    remove_stale_resume_temps,
-    trim_log,
-)
+from train_daemon.resume import (ResumeError, ResumeWriter, TrainerState, load_resume_state, remove_stale_resume_temps,
+                                 trim_log)
 from train_daemon.run import Run, resolve_run, write_run_files
 from train_daemon.schedule import make_scheduler, total_optimizer_steps
 from train_daemon.shutdown import StopRequest

@@ -14,13 +14,7 @@ from pathlib import Path
 import torch
 
 from common.config import Config, ConfigError, DataConfig, ModelConfig
-from common.data import (
-    SftPair,
-    load_math,
-    load_prompt_template,
-    load_sft_pairs,
-    math_to_sft_pairs,
-)
+from common.data import SftPair, load_math, load_prompt_template, load_sft_pairs, math_to_sft_pairs
 from common.errors import first_line
 from train_daemon.attention import kernel_available
 from train_daemon.attention import register as register_varlen_attention

@@ -28,13 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.contract import step_dir_name
-from common.durable import (
-    TEMP_PREFIX,
-    atomic_write_json,
-    atomic_write_text,
-    fsync_dir,
-    fsync_tree,
-)
+from common.durable import TEMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 from train_daemon.background import BackgroundWriter, copy_to_host
 from train_daemon.weights import load_weights, unique_state_dict
 

@@ -38,15 +38,9 @@ class Run:
     wandb_group: str  # shared with the eval daemon's W&B run (written into each checkpoint sidecar)
     run_dir: Path  # Layout.run_state: <results_dir>/runs/<run_id> (the trainer's own)
     checkpoints_dir: Path  # Layout.run_checkpoints: <results_dir>/checkpoints/<run_id> (the contract)
+    resume_dir: Path  # Layout.resume_state: optimizer, RNG, data position
+    log_path: Path  # Layout.train_log: train_log.jsonl
     is_new: bool
-
-    @property
-    def resume_dir(self) -> Path:
-        return self.run_dir / "resume"
-
-    @property
-    def log_path(self) -> Path:
-        return self.run_dir / "train_log.jsonl"
 
 
 def resolve_run(config: Config) -> Run:
@@ -64,7 +58,8 @@ def resolve_run(config: Config) -> Run:
         run_name, group, is_new = f"math-sft-dual-gpu-{time.strftime('%Y%m%d-%H%M%S')}", config.logging.wandb_group or run_id, True
     config.training.run_id, config.logging.wandb_group = run_id, group
     return Run(run_id=run_id, run_name=run_name, wandb_group=group, run_dir=run_dir,
-               checkpoints_dir=layout.run_checkpoints(run_id), is_new=is_new)
+               checkpoints_dir=layout.run_checkpoints(run_id), resume_dir=layout.resume_state(run_id),
+               log_path=layout.train_log(run_id), is_new=is_new)
 
 
 def write_run_files(run: Run, config: Config) -> None:

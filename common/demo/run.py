@@ -30,13 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import (
-    CONFIG_ERROR_EXIT_CODE,
-    Config,
-    ConfigError,
-    add_config_arguments,
-    load_config,
-)
+from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config
 from common.contract import Layout, ManifestError, read_manifest
 from common.demo.follow import Progress
 from common.demo.inputs import DemoInputs, ensure_inputs
@@ -88,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- evaluated; then stop the eval daemon (SIGTERM: its normal shutdown)
     # Progress bars off: the daemons write to log files, and the demo prints their progress lines.
     quiet = ["--config", args.config, "logging.progress_bar=false"]
-    progress = Progress(logs, layout.run_state(run_id) / "train_log.jsonl", run_id,
+    progress = Progress(logs, layout.train_log(run_id), run_id,
                         config.training.max_steps)
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM takes Ctrl-C's path
     daemons: list[subprocess.Popen] = []

@@ -31,19 +31,8 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from common.durable import atomic_write  # noqa: E402
 from common.grading import FORMAT_FAILURE_TYPES  # noqa: E402
-from common.store.query import (  # noqa: E402
-    BROKEN_PIPE_EXIT_CODE,
-    DEFAULT_DB,
-    REPO_ROOT,
-    format_table,
-    print_stdout,
-)
-from common.store.schema import (  # noqa: E402
-    StoreBusyError,
-    StoreError,
-    connect_read_only,
-    one_line_error,
-)
+from common.store.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, REPO_ROOT, format_table, print_stdout  # noqa: E402
+from common.store.schema import StoreBusyError, StoreError, connect_read_only, one_line_error  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "results"
 CATEGORY_STYLES = (("pct_correct", "correct", "#2ca02c"), ("pct_wrong_answer", "wrong answer", "#ff7f0e"),

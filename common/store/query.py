@@ -31,13 +31,7 @@ import duckdb
 
 from common.config import PathsConfig
 from common.contract import Layout
-from common.store.schema import (
-    VIEWS,
-    StoreBusyError,
-    StoreError,
-    connect_read_only,
-    one_line_error,
-)
+from common.store.schema import VIEWS, StoreBusyError, StoreError, connect_read_only, one_line_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = Layout(REPO_ROOT / PathsConfig().results_dir).store  # what bin/eval writes by default

@@ -153,6 +153,18 @@ _FAILURE_COUNTS_SQL = ",\n       ".join(
     f"count(*) FILTER (WHERE s.format_failure_type = '{kind}') AS {kind}" for kind in FORMAT_FAILURE_TYPES)
 
 # name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
+def _accuracy_by(column: str) -> str:
+    """The by_subject / by_level view: accuracy and format accuracy per `column`, per evaluation."""
+    return f"""SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.{column}, count(*) AS num_examples,
+       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
+       avg((s.category = 'correct')::DOUBLE) AS accuracy,
+       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
+FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
+WHERE e.status = 'ok'
+GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.{column}
+ORDER BY s.run_id, s.eval_key, s.{column}, s.step"""
+
+
 VIEWS: dict[str, tuple[str, str]] = {
     "progress": (
         "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy, by step",
@@ -165,28 +177,8 @@ VIEWS: dict[str, tuple[str, str]] = {
 FROM evaluations WHERE status = 'ok'
 ORDER BY run_id, eval_key, step""",
     ),
-    "by_subject": (
-        "accuracy and format accuracy per subject, per evaluation",
-        """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.subject, count(*) AS num_examples,
-       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
-       avg((s.category = 'correct')::DOUBLE) AS accuracy,
-       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
-FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
-WHERE e.status = 'ok'
-GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.subject
-ORDER BY s.run_id, s.eval_key, s.subject, s.step""",
-    ),
-    "by_level": (
-        "accuracy and format accuracy per difficulty level (1-5), per evaluation",
-        """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.level, count(*) AS num_examples,
-       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
-       avg((s.category = 'correct')::DOUBLE) AS accuracy,
-       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
-FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
-WHERE e.status = 'ok'
-GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.level
-ORDER BY s.run_id, s.eval_key, s.level, s.step""",
-    ),
+    "by_subject": ("accuracy and format accuracy per subject, per evaluation", _accuracy_by("subject")),
+    "by_level": ("accuracy and format accuracy per difficulty level (1-5), per evaluation", _accuracy_by("level")),
     "format_failures": (
         "format failure counts per evaluation, one column per failure type",
         f"""SELECT e.run_id, e.step, e.eval_set, e.eval_key, e.num_test_cases, e.num_format_failure,

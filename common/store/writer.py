@@ -18,20 +18,9 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
-from common.store.schema import (
-    EVALUATION_COLUMNS,
-    EVALUATION_EXTRA_KEYS,
-    LOCK_TIMEOUT_S,
-    REQUIRED_EVALUATION_KEYS,
-    SAMPLE_COLUMNS,
-    SAMPLE_KEY_COLUMNS,
-    TIME_KEYS,
-    WRITE_LOCK_TIMEOUT_S,
-    StoreError,
-    _connect_for_write,
-    _utc_now,
-    connect_read_only,
-)
+from common.store.schema import (EVALUATION_COLUMNS, EVALUATION_EXTRA_KEYS, LOCK_TIMEOUT_S, REQUIRED_EVALUATION_KEYS,
+                                 SAMPLE_COLUMNS, SAMPLE_KEY_COLUMNS, TIME_KEYS, WRITE_LOCK_TIMEOUT_S, StoreError,
+                                 _connect_for_write, _utc_now, connect_read_only)
 
 if TYPE_CHECKING:
     import pyarrow as pa

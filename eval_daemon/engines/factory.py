@@ -11,9 +11,7 @@ def make_engine(config, device: str) -> GenerationEngine:
     dtype = "float32" if device == "cpu" else config.model.dtype  # bfloat16 matmuls on CPU are slow or missing
     tokenizer = config.model.tokenizer or config.model.name_or_path
     if e.engine == "vllm":
-        from eval_daemon.engines.vllm import (
-            VllmEngine,  # imported here: vLLM's import is heavy
-        )
+        from eval_daemon.engines.vllm import VllmEngine  # imported here: vLLM's import is heavy
 
         return VllmEngine(device, dtype, e.gpu_memory_utilization, e.max_model_len, e.seed, tokenizer)
     from eval_daemon.engines.hf import HfEngine  # imported here: it imports torch

@@ -14,16 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import first_line
-from eval_daemon.engines.base import (
-    CheckpointLoadError,
-    Generation,
-    Sampling,
-    _warn_too_long,
-    empty_generation,
-    load_reusing,
-    score_entropy_rows,
-    tokenizer_source,
-)
+from eval_daemon.engines.base import (CheckpointLoadError, Generation, Sampling, _warn_too_long, empty_generation,
+                                      load_reusing, score_entropy_rows, tokenizer_source)
 from eval_daemon.engines.hf_decode import BatchDecoder, supported_reason
 from eval_daemon.entropy import mean_entropy_from_logits
 

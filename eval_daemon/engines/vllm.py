@@ -14,16 +14,8 @@ import logging
 from collections.abc import Sequence
 
 from common.errors import first_line
-from eval_daemon.engines.base import (
-    CheckpointLoadError,
-    Generation,
-    Sampling,
-    _warn_too_long,
-    empty_generation,
-    load_reusing,
-    score_entropy_rows,
-    tokenizer_source,
-)
+from eval_daemon.engines.base import (CheckpointLoadError, Generation, Sampling, _warn_too_long, empty_generation,
+                                      load_reusing, score_entropy_rows, tokenizer_source)
 from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
 
 logger = logging.getLogger(__name__)
