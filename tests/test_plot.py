@@ -63,23 +63,23 @@ def test_line_charts_draw_the_stored_values(filled, runs):
     assert [s.label for s in series] == expected_runs
 
     fig = plots.draw_accuracy(series)
-    drawn = lines_by_label(fig.axes[0])
-    assert set(drawn) == {f"{run}: {what}" for run in expected_runs for what in ("accuracy", "format accuracy")}
+    accuracy, format_accuracy = lines_by_label(fig.axes[0]), lines_by_label(fig.axes[1])
+    assert set(accuracy) == set(format_accuracy) == set(expected_runs)
     for run in expected_runs:
         rows = progress_of(db, run)
-        steps, accuracy = drawn[f"{run}: accuracy"]
-        assert steps == [r["step"] for r in rows] and same(accuracy, [r["accuracy"] for r in rows])
-        assert same(drawn[f"{run}: format accuracy"][1], [r["format_accuracy"] for r in rows])
-    assert fig.axes[0].get_title() and fig.axes[0].get_xlabel() == "training step" and fig.axes[0].get_legend()
+        steps, values = accuracy[run]
+        assert steps == [r["step"] for r in rows] and same(values, [r["accuracy"] for r in rows])
+        assert same(format_accuracy[run][1], [r["format_accuracy"] for r in rows])
+    assert fig.axes[0].get_xlabel() == "training step" and fig.legends
     plt.close(fig)
 
     fig = plots.draw_metrics(series)
-    length, entropy = lines_by_label(fig.axes[0]), lines_by_label(fig.axes[1])
+    length_all, length_correct, length_incorrect, entropy = (lines_by_label(ax) for ax in fig.axes[:4])
     for run in expected_runs:
         rows = progress_of(db, run)
-        assert same(length[f"{run}: all"][1], [r["avg_response_length"] for r in rows])
-        assert same(length[f"{run}: correct"][1], [r["avg_response_length_correct"] for r in rows])
-        assert same(length[f"{run}: incorrect"][1], [r["avg_response_length_incorrect"] for r in rows])
+        assert same(length_all[run][1], [r["avg_response_length"] for r in rows])
+        assert same(length_correct[run][1], [r["avg_response_length_correct"] for r in rows])
+        assert same(length_incorrect[run][1], [r["avg_response_length_incorrect"] for r in rows])
         assert same(entropy[run][1], [r["avg_token_entropy"] for r in rows])
     plt.close(fig)
 
@@ -213,7 +213,7 @@ def test_a_single_evaluation_and_missing_entropy_still_draw(tmp_path):
     series = plots.load_series(db)
     assert [s.label for s in series] == [f"run_a [{s.eval_key}]" for s in series]
     fig = plots.draw_metrics(series)
-    assert fig.axes[1].get_title().endswith("not recorded for run_a [math500-x]")
-    assert [line.get_label() for line in fig.axes[1].get_lines()] == [series[0].label]
+    assert fig.axes[3].get_title().endswith("not recorded for run_a [math500-x]")
+    assert [line.get_label() for line in fig.axes[3].get_lines()] == [series[0].label]
     plt.close(fig)
     assert len(plots.save_charts(series, tmp_path / "out")) == 5

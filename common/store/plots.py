@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +28,7 @@ matplotlib.use("Agg")  # files only: works on servers without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 from common.durable import atomic_write  # noqa: E402
@@ -51,10 +53,13 @@ class Series:
     run_id: str
     eval_key: str
     label: str = ""
-    color: str = ""
+    color: tuple | str = ""
+    linestyle: str = "-"
+    marker: str = "o"
     progress: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     by_subject: dict[str, list[dict]] = field(default_factory=dict)
+    entropy_methods: list[str] = field(default_factory=list)  # the estimators behind avg_token_entropy
 
     def steps(self) -> list[int]:
         return [row["step"] for row in self.progress]
@@ -62,6 +67,10 @@ class Series:
     def values(self, column: str, rows: list[dict] | None = None) -> list[float]:
         """A column as floats; NULL becomes NaN, which matplotlib leaves as a gap."""
         return [math.nan if row[column] is None else float(row[column]) for row in (rows or self.progress)]
+
+    def style(self) -> dict:
+        """Keyword arguments for ax.plot: this series' colour, line style and marker."""
+        return {"color": self.color, "linestyle": self.linestyle, "marker": self.marker, "label": self.label}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -73,6 +82,10 @@ def _rows(con, sql: str) -> list[dict]:
     return [dict(zip(names, row)) for row in result.fetchall()]
 
 
+ENTROPY_METHODS_SQL = """SELECT run_id, eval_key, list(DISTINCT entropy_method ORDER BY entropy_method) AS methods
+FROM evaluations WHERE status = 'ok' AND entropy_method IS NOT NULL GROUP BY run_id, eval_key"""
+
+
 def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
     """Read the progress, format_failures and by_subject views, grouped per (run, eval config)."""
     with connect_read_only(db_path) as con:
@@ -80,6 +93,7 @@ def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
             progress = _rows(con, "SELECT * FROM progress ORDER BY run_id, eval_key, step")
             failures = _rows(con, "SELECT * FROM format_failures ORDER BY run_id, eval_key, step")
             subjects = _rows(con, "SELECT * FROM by_subject ORDER BY run_id, eval_key, subject, step")
+            methods = _rows(con, ENTROPY_METHODS_SQL)
         except duckdb.Error as exc:  # e.g. a file that is not a results store
             raise PlotError(f"{db_path}: {one_line_error(exc)}") from None
     known = sorted({row["run_id"] for row in progress})
@@ -98,13 +112,28 @@ def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
     for row in subjects:
         if (row["run_id"], row["eval_key"]) in series:
             series[(row["run_id"], row["eval_key"])].by_subject.setdefault(row["subject"] or "unknown", []).append(row)
+    for row in methods:
+        if (row["run_id"], row["eval_key"]) in series:
+            series[(row["run_id"], row["eval_key"])].entropy_methods = list(row["methods"])
     result = list(series.values())
-    one_config_per_run = len({s.run_id for s in result}) == len(result)
+    assign_styles(result)
+    return result
+
+
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def assign_styles(series: Sequence[Series]) -> None:
+    """Labels, and a (colour, line style, marker) per series that no other series shares: ten
+    colours, then the next line style, so 11+ series stay apart (40 before a style repeats)."""
+    one_config_per_run = len({s.run_id for s in series}) == len(series)
     colors = plt.get_cmap("tab10").colors
-    for index, s in enumerate(result):
+    for index, s in enumerate(series):
         s.label = s.run_id if one_config_per_run else f"{s.run_id} [{s.eval_key}]"
         s.color = colors[index % len(colors)]
-    return result
+        s.linestyle = LINESTYLES[(index // len(colors)) % len(LINESTYLES)]
+        s.marker = MARKERS[index % len(MARKERS)]
 
 
 # ---- drawing -------------------------------------------------------------------------------------
@@ -124,11 +153,21 @@ def _style_step_axis(ax: Axes, steps: Sequence[int]) -> None:
         ax.set_xlim(distinct[0] - 1, distinct[0] + 1)
 
 
-def _panel_grid(count: int, max_cols: int, panel_size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+def _style_share_axis(ax: Axes, label: str) -> None:
+    ax.set_ylabel(label)
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+
+
+def _panel_grid(count: int, max_cols: int, panel_size: tuple[float, float], extra_width: float = 0.0,
+                sharey: bool = True, min_height: float = 0.0) -> tuple[Figure, list[Axes]]:
+    """count panels in rows of max_cols; extra_width inches on the right for a legend that needs
+    min_height inches."""
     cols = min(count, max_cols)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows),
-                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+    size = (panel_size[0] * cols + extra_width, max(panel_size[1] * rows, min_height))
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, sharex=True, sharey=sharey,
+                             layout="constrained")
     flat = list(axes.flat)
     for spare in flat[count:]:
         spare.set_axis_off()
@@ -139,21 +178,53 @@ def _all_steps(series: Sequence[Series]) -> list[int]:
     return [step for s in series for step in s.steps()]
 
 
+LABEL_WIDTH = 48  # characters; longer series labels are wrapped onto a second line
+LEGEND_COLUMN_ROWS = 14  # entries per legend column before a second column starts
+
+
+def _wrapped(label: str) -> str:
+    return "\n".join(textwrap.wrap(label, LABEL_WIDTH, break_on_hyphens=False)) or label
+
+
+def _legend_columns(count: int) -> int:
+    return 1 if count <= LEGEND_COLUMN_ROWS else 2
+
+
+def _legend_size(labels: Sequence[str]) -> tuple[float, float]:
+    """(width, height) in inches of the series legend at 10 pt: ~0.075 in per character, ~0.23 in per line."""
+    columns = _legend_columns(len(labels))
+    wrapped = [_wrapped(label).splitlines() for label in labels]
+    longest = max((len(line) for lines in wrapped for line in lines), default=0)
+    lines_per_column = math.ceil(sum(len(lines) for lines in wrapped) / columns)
+    return columns * (0.7 + 0.075 * longest), 0.6 + 0.23 * lines_per_column
+
+
+def _series_legend(fig: Figure, series: Sequence[Series], title: str = "run") -> None:
+    """One legend entry per series, outside the axes on the right (constrained layout makes room)."""
+    handles = [Line2D([], [], color=s.color, linestyle=s.linestyle, marker=s.marker, label=_wrapped(s.label))
+               for s in series]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, title=title,
+               ncols=_legend_columns(len(handles)))
+
+
+def _series_figure(panels: int, series: Sequence[Series], max_cols: int, panel_size: tuple[float, float],
+                   sharey: bool = True) -> tuple[Figure, list[Axes]]:
+    """A grid of panels that each draw every series, with room on the right for their legend."""
+    width, height = _legend_size([s.label for s in series])
+    return _panel_grid(panels, max_cols, panel_size, width, sharey, min_height=height)
+
+
 def draw_accuracy(series: Sequence[Series]) -> Figure:
-    fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
-    for s in series:
-        ax.plot(s.steps(), s.values("accuracy"), marker="o", color=s.color, label=f"{s.label}: accuracy")
-        ax.plot(s.steps(), s.values("format_accuracy"), marker="s", linestyle="--", color=s.color,
-                label=f"{s.label}: format accuracy")
-    ax.set_title("Accuracy and format accuracy vs training step")
-    ax.set_ylabel("share of test problems")
-    ax.set_ylim(0, 1.02)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    _style_step_axis(ax, _all_steps(series))
-    if max(len(s.label) for s in series) > 24:  # long labels beside the axes would squeeze it: put them below
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, frameon=False)
-    else:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    """Two panels, accuracy and format accuracy, one line per series."""
+    fig, (ax_accuracy, ax_format) = _series_figure(2, series, max_cols=2, panel_size=(5.5, 4.5))
+    for ax, column, title in ((ax_accuracy, "accuracy", "Accuracy"), (ax_format, "format_accuracy", "Format accuracy")):
+        for s in series:
+            ax.plot(s.steps(), s.values(column), **s.style())
+        ax.set_title(title)
+        _style_share_axis(ax, "share of test problems")
+        _style_step_axis(ax, _all_steps(series))
+    fig.suptitle("Accuracy and format accuracy vs training step")
+    _series_legend(fig, series)
     return fig
 
 
@@ -162,9 +233,17 @@ def _bar_width(steps: Sequence[int]) -> float:
     return 0.8 * min(gaps) if gaps else 0.8
 
 
+def _per_series_grid(series: Sequence[Series]) -> tuple[Figure, list[Axes]]:
+    """One panel per series (small multiples), titled with the series' (wrapped) label."""
+    fig, axes = _panel_grid(len(series), max_cols=3, panel_size=(6.5, 4.5))
+    for ax, s in zip(axes, series):
+        ax.set_title("\n".join(textwrap.wrap(s.label, 60, break_on_hyphens=False)), fontsize="medium")
+    return fig, axes
+
+
 def draw_categorization(series: Sequence[Series]) -> Figure:
     """Stacked bars per run: correct, wrong answer and format failure add up to 100 %."""
-    fig, axes = _panel_grid(len(series), max_cols=3, panel_size=(6.5, 4.5))
+    fig, axes = _per_series_grid(series)
     width = _bar_width(_all_steps(series))
     for ax, s in zip(axes, series):
         bottom = [0.0] * len(s.progress)
@@ -172,7 +251,6 @@ def draw_categorization(series: Sequence[Series]) -> Figure:
             values = [0.0 if math.isnan(v) else v for v in s.values(column)]
             ax.bar(s.steps(), values, width, bottom=bottom, color=color, label=label)
             bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_title(s.label)
         ax.set_ylabel("% of test problems")
         ax.set_ylim(0, 100)
         _style_step_axis(ax, _all_steps(series))
@@ -182,45 +260,62 @@ def draw_categorization(series: Sequence[Series]) -> Figure:
     return fig
 
 
+METRIC_PANELS = (("avg_response_length", "Mean response length: all"),
+                 ("avg_response_length_correct", "Mean response length: correct"),
+                 ("avg_response_length_incorrect", "Mean response length: incorrect"))
+
+
+def _has_entropy(s: Series) -> bool:
+    return not all(math.isnan(v) for v in s.values("avg_token_entropy"))
+
+
+def entropy_title(series: Sequence[Series]) -> str:
+    """The entropy panel's title: the estimator(s) behind the numbers, and whose are missing."""
+    drawn = [s for s in series if _has_entropy(s)]
+    methods = sorted({method for s in drawn for method in s.entropy_methods})
+    title = "Mean token entropy (sampled responses)"
+    title += "\nestimator: " + (", ".join(methods) if methods else "not recorded")
+    if len(methods) > 1:
+        title += "\n(different estimators: compare lines of one estimator only)"
+    missing = [s.label for s in series if not _has_entropy(s)]
+    if drawn and missing:  # in the title, where it cannot cover a line
+        title += "\nnot recorded for " + _shortened(", ".join(missing), 70)
+    return title
+
+
+def _shortened(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def draw_metrics(series: Sequence[Series]) -> Figure:
-    fig, (ax_length, ax_entropy) = plt.subplots(1, 2, figsize=(14, 5.5), layout="constrained")
-    for s in series:
-        ax_length.plot(s.steps(), s.values("avg_response_length"), marker="o", color=s.color, label=f"{s.label}: all")
-        ax_length.plot(s.steps(), s.values("avg_response_length_correct"), linestyle="--", color=s.color,
-                       label=f"{s.label}: correct")
-        ax_length.plot(s.steps(), s.values("avg_response_length_incorrect"), linestyle=":", color=s.color,
-                       label=f"{s.label}: incorrect")
-    missing = []
-    for s in series:
-        entropy = s.values("avg_token_entropy")
-        if all(math.isnan(v) for v in entropy):
-            missing.append(s.label)
-            continue
-        ax_entropy.plot(s.steps(), entropy, marker="o", color=s.color, label=s.label)
-    entropy_title = "Mean token entropy (sampled responses)"
-    if len(missing) == len(series):
-        ax_entropy.text(0.5, 0.5, "no token entropy recorded", ha="center", va="center",
-                        transform=ax_entropy.transAxes, color="gray")
-    elif missing:  # in the title, where it cannot cover a line
-        entropy_title += "\nnot recorded for " + ", ".join(missing)
-    ax_length.set_title("Mean response length")
-    ax_length.set_ylabel("tokens")
-    ax_length.set_ylim(bottom=0)
-    ax_entropy.set_title(entropy_title)
-    ax_entropy.set_ylabel("nats per token")
-    for ax in (ax_length, ax_entropy):
+    """Four panels: mean response length of all / correct / incorrect responses, mean token entropy."""
+    fig, axes = _series_figure(4, series, max_cols=2, panel_size=(5.5, 4.0), sharey=False)  # tokens vs nats
+    for ax, (column, title) in zip(axes, METRIC_PANELS):
+        for s in series:
+            ax.plot(s.steps(), s.values(column), **s.style())
+        ax.set_title(title)
+        ax.set_ylabel("tokens")
+        ax.set_ylim(bottom=0)
+    _draw_entropy(axes[3], series)
+    for ax in axes:
         _style_step_axis(ax, _all_steps(series))
-        labels = [line.get_label() for line in ax.get_lines()]
-        if labels:
-            # Fewer columns for long labels (run ids with eval keys), so the legend stays inside the figure.
-            longest = max(len(label) for label in labels)
-            columns = min(len(labels), 3 if longest <= 25 else 2 if longest <= 40 else 1)
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=columns, frameon=False)
+    fig.suptitle("Response length and token entropy vs training step")
+    _series_legend(fig, series)
     return fig
 
 
+def _draw_entropy(ax: Axes, series: Sequence[Series]) -> None:
+    for s in filter(_has_entropy, series):
+        ax.plot(s.steps(), s.values("avg_token_entropy"), **s.style())
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "no token entropy recorded", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+    ax.set_title(entropy_title(series), fontsize="medium")
+    ax.set_ylabel("nats per token")
+
+
 def draw_format_failures(series: Sequence[Series]) -> Figure:
-    fig, axes = _panel_grid(len(series), max_cols=3, panel_size=(6.5, 4.5))
+    fig, axes = _per_series_grid(series)
     for ax, s in zip(axes, series):
         steps = [row["step"] for row in s.failures]
         ax.plot(steps, s.values("num_format_failure", s.failures), color="black", linestyle="--", marker=".",
@@ -228,7 +323,6 @@ def draw_format_failures(series: Sequence[Series]) -> Figure:
         for kind in FORMAT_FAILURE_TYPES:
             ax.plot(steps, s.values(kind, s.failures), marker="o", color=FAILURE_COLORS[kind],
                     label=kind.replace("_", " "))
-        ax.set_title(s.label)
         ax.set_ylabel("test problems")
         ax.set_ylim(bottom=0)
         _style_step_axis(ax, _all_steps(series))
@@ -241,26 +335,17 @@ def draw_by_subject(series: Sequence[Series]) -> Figure:
     subjects = sorted({subject for s in series for subject in s.by_subject})
     if not subjects:
         raise PlotError("the store has evaluations but no samples with a subject; nothing to draw per subject")
-    fig, axes = _panel_grid(len(subjects), max_cols=4, panel_size=(4.2, 3.4))
+    fig, axes = _series_figure(len(subjects), series, max_cols=4, panel_size=(4.2, 3.4))
     for ax, subject in zip(axes, subjects):
         for s in series:
             rows = s.by_subject.get(subject, [])
             if rows:
-                ax.plot([row["step"] for row in rows], s.values("accuracy", rows), marker="o", color=s.color,
-                        label=s.label)
+                ax.plot([row["step"] for row in rows], s.values("accuracy", rows), **s.style())
         ax.set_title(subject.replace("_", " "))
-        ax.set_ylim(0, 1.02)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        _style_share_axis(ax, "accuracy")
         _style_step_axis(ax, _all_steps(series))
-    for ax in axes[:: min(len(subjects), 4)]:
-        ax.set_ylabel("accuracy")
     fig.suptitle("Accuracy per subject vs training step")
-    handles = [plt.Line2D([], [], color=s.color, marker="o", label=s.label) for s in series]
-    spare = axes[len(subjects)] if len(axes) > len(subjects) else None
-    if spare is not None:  # an empty panel in the grid: the legend fits there
-        spare.legend(handles=handles, loc="center", frameon=False, title="run")
-    else:
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="run")
+    _series_legend(fig, series)
     return fig
 
 
