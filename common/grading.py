@@ -9,12 +9,14 @@ keeps it). The reward is 1 only when the format is right AND the answer is equiv
   The ground truth is a bare answer or a full solution (its last \\boxed{} is taken).
 - Equivalence, cheapest first: (1) in this process, Hendrycks et al.'s MATH string normalisation
   (`strip_string`), then equal strings, or two plain numbers compared by value (`fast_verdict`);
-  (2) the rest goes to a pool of worker processes (`symbolic_equivalent`): math-verify (which
-  compares with sympy), then sympy on the raw LaTeX when math-verify cannot read a side.
+  (2) the rest goes to a pool of worker processes (`symbolic_equivalent`, on pebble's ProcessPool):
+  math-verify (which compares with sympy), then sympy on the raw LaTeX when math-verify cannot read
+  a side. Each worker has an address-space limit (WORKER_MEMORY_LIMIT).
   A check that overruns `timeout_s` is interrupted by a timer in the worker (as math-verify's own
   timeout does) and graded wrong with grading_note 'timeout'; a worker stuck in C code that ignores
-  the timer is killed HARD_KILL_GRACE_S later and replaced, so a batch always returns.
-  grading_note is 'worker_crashed' if a worker died mid-check, else ''. A Grader remembers the
+  the timer is killed by pebble HARD_KILL_GRACE_S later and replaced, and graded the same; a batch
+  always returns. grading_note is 'worker_crashed' if a worker died mid-check, 'check_error' if the
+  check raised (MemoryError at the limit, RecursionError on a huge answer), else ''. A Grader remembers the
   verdict of each (answer, ground truth) pair settled in the pool (timeouts are tried again): every
   checkpoint is graded on the same problems, and successive checkpoints often give the same answers.
 
@@ -33,17 +35,20 @@ Tests: bin/test tests/test_grading.py    Speed: python bench/grader.py
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import functools
 import logging
 import math
 import multiprocessing
+import os
 import re
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from multiprocessing.connection import Connection, wait
+
+import pebble
+from pebble import ProcessExpired
 
 from common.boxed import last_boxed
 
@@ -63,6 +68,8 @@ HARD_KILL_GRACE_S = 1.0  # after the worker's own timer: C loops (huge integer p
 START_TIMEOUT_S = 120.0  # spawning a worker and importing sympy takes ~2 s; this bounds a broken install
 WORKER_MEMORY_LIMIT = 4 << 30  # bytes of address space: a runaway answer must not take the machine
 VERDICT_CACHE_SIZE = 100_000  # (answer, truth) pairs remembered by a Grader
+PROBE_HOLD_S = 0.05  # Grader.start's probe keeps its worker this long
+POOL_ATTEMPTS = 3  # times a batch's unfinished checks are sent again after pebble declares the pool broken
 
 
 # ---- format ----------------------------------------------------------------------------------
@@ -289,13 +296,14 @@ def _raise_deadline(signum, frame):
 
 
 def _check_with_deadline(answer: str, truth: str, timeout_s: float) -> tuple[bool, str]:
+    """The task each worker runs: (equal, note), with the worker's own timer armed for timeout_s."""
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        equal = symbolic_equivalent(answer, truth)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        return equal, ""
+        return symbolic_equivalent(answer, truth), ""
     except _Deadline:
         return False, "timeout"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)  # a check that raised must not leave the timer armed
 
 
 # One of each common answer shape: the first parse of a new shape is several times slower.
@@ -305,11 +313,10 @@ _WARM_UP = [("\\frac{1}{2}", "0.5"), ("(1,2]", "[1,2)"), ("\\{1,2\\}", "1, 2"), 
             ("-3+2i", "\\infty"), ("7", "4(3-x)(3+x)"), ("\\left( -\\dfrac{2}{3} \\right)", "-\\frac23")]
 
 
-def _worker_main(conn: Connection) -> None:
-    """Grading worker: answers (index, answer, truth, timeout_s) with (index, equal, note) until sent None."""
+def _init_worker() -> None:
+    """pebble's initializer, once per worker: memory limit, the check's timer, warm parser caches."""
     import resource
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
     signal.signal(signal.SIGALRM, _raise_deadline)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = WORKER_MEMORY_LIMIT if hard == resource.RLIM_INFINITY else min(hard, WORKER_MEMORY_LIMIT)
@@ -317,36 +324,28 @@ def _worker_main(conn: Connection) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its own timer is off: ours is on
     for answer, truth in _WARM_UP:  # import sympy and warm the LaTeX parser's caches before taking work
         symbolic_equivalent(answer, truth)
-    conn.send("ready")
-    while True:
-        try:
-            task = conn.recv()
-            if task is None:
-                return
-            index, answer, truth, timeout_s = task
-            conn.send((index, *_check_with_deadline(answer, truth, timeout_s)))
-        except (EOFError, BrokenPipeError):  # the parent is gone (killed): so are we
-            return
 
 
-# ---- the worker pool -------------------------------------------------------------------------
+def _worker_pid(hold_s: float) -> int:
+    time.sleep(hold_s)  # so that one ready worker cannot answer every probe of Grader.start
+    return os.getpid()
+
+
+# ---- the worker pool (pebble) ----------------------------------------------------------------
 
 
 class GraderError(RuntimeError):
-    """The grading pool cannot run (a worker fails to start)."""
-
-
-@dataclass
-class _Worker:
-    process: multiprocessing.process.BaseProcess
-    conn: Connection
-    deadline: float  # monotonic: start-up deadline, then the hard-kill time of the check in flight
-    ready: bool = False
-    task: int | None = None  # index of the pair in flight
+    """The grading pool cannot run (its workers fail to start)."""
 
 
 class Grader:
-    """A persistent pool of grading processes; a worker that overruns its check is killed and replaced."""
+    """A persistent pebble.ProcessPool of grading workers, plus the fast path and remembered verdicts.
+
+    pebble does the process bookkeeping: each check has a hard timeout (timeout_s + HARD_KILL_GRACE_S,
+    counted from when a worker takes it); a worker that overruns it is killed (SIGTERM, SIGKILL 3 s
+    later) and replaced, and a worker that dies is replaced. What is ours: the verdict of each outcome,
+    rebuilding the pool when pebble declares it broken, and a deadline for the whole batch.
+    """
 
     def __init__(self, workers: int = 2, fast_path: bool = True):
         if workers < 1:
@@ -355,8 +354,7 @@ class Grader:
         self.fast_path = fast_path  # False sends every formatted answer to the symbolic check (tests, bench)
         # (verdict, note) of each (answer, truth) pair settled in the pool (see the module docstring).
         self._verdicts: dict[tuple[str, str], tuple[bool, str]] = {}
-        self._context = multiprocessing.get_context("spawn")  # fork is unsafe in a process with CUDA/threads
-        self._pool: list[_Worker] = []
+        self._pool: pebble.ProcessPool | None = None
 
     def __enter__(self) -> Grader:
         return self
@@ -366,29 +364,39 @@ class Grader:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of the workers (for logs and tests)."""
-        return [worker.process.pid for worker in self._pool]
+        """Process ids of the live workers (for logs, tests and the bench)."""
+        # pebble has no public accessor for its worker processes: this is its manager's own table.
+        return [] if self._pool is None else list(self._pool._pool_manager.worker_manager.workers)
 
     def start(self) -> None:
-        """Start the workers and wait until they are ready (~2 s); GraderError if one cannot start."""
-        self._spawn_missing()
+        """Start the workers and wait until each has answered (~2 s); GraderError if they cannot start."""
+        pool, deadline, answered = self._running_pool(), time.monotonic() + START_TIMEOUT_S, set()
         try:
-            while not all(worker.ready for worker in self._pool):
-                self._receive([])
-                self._replace_overdue([], 0.0)
-        except BaseException:
+            while not answered or not set(self.pids) <= answered:  # one warming up takes no probe: ask again
+                futures = [pool.schedule(_worker_pid, (PROBE_HOLD_S,)) for _ in range(self.workers)]
+                answered.update(future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures)
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
             self.close()
-            raise
-
-    def _spawn_missing(self) -> None:
-        while len(self._pool) < self.workers:
-            self._pool.append(self._spawn())
+            raise GraderError(f"the grading workers did not start within {START_TIMEOUT_S:.0f} s; "
+                              "the machine may be overloaded") from exc
+        except BrokenProcessPool as exc:  # pebble's verdict when workers exit before taking any task
+            self.close()
+            raise GraderError("the grading workers exit during start-up; check that "
+                              "`python -c 'import math_verify'` works in this environment") from exc
 
     def close(self) -> None:
-        """Stop every worker; the next batch starts fresh ones."""
-        for worker in self._pool:
-            _stop(worker)
-        self._pool.clear()
+        """Stop every worker (a check in flight is abandoned); the next batch starts fresh ones."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
+
+    def _running_pool(self) -> pebble.ProcessPool:
+        if self._pool is None:
+            # spawn: fork is unsafe in a process with CUDA or threads (the eval daemon has both).
+            self._pool = pebble.ProcessPool(self.workers, initializer=_init_worker,
+                                            context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def grade(self, responses: list[str], ground_truths: list[str], timeout_s: float = 5.0,
               finish_reasons: list[str] | None = None) -> list[dict]:
@@ -433,95 +441,49 @@ class Grader:
             del self._verdicts[next(iter(self._verdicts))]  # the oldest: dicts keep insertion order
 
     def _check_in_pool(self, pairs: list[tuple[str, str]], timeout_s: float) -> list[tuple[bool, str]]:
-        if not pairs:
-            return []
-        self._spawn_missing()
-        verdicts: list = [None] * len(pairs)
-        queue = deque(range(len(pairs)))
+        verdicts: dict[int, tuple[bool, str]] = {}
+        # A stalled pool (every worker frozen before taking work) must not hang the evaluation.
+        deadline = time.monotonic() + START_TIMEOUT_S + math.ceil(len(pairs) / self.workers) * (
+            timeout_s + HARD_KILL_GRACE_S + pebble.CONSTS.term_timeout)
         try:
-            while queue or any(worker.task is not None for worker in self._pool):
-                self._dispatch(queue, pairs, timeout_s)
-                self._receive(verdicts)
-                self._replace_overdue(verdicts, timeout_s)
+            for _ in range(POOL_ATTEMPTS):  # pebble may declare the pool broken (below): rebuild it, go on
+                todo = [index for index in range(len(pairs)) if index not in verdicts]
+                if not todo:
+                    break
+                pool = self._running_pool()
+                futures = [pool.schedule(_check_with_deadline, (*pairs[index], timeout_s),
+                                         timeout=timeout_s + HARD_KILL_GRACE_S) for index in todo]
+                for index, future in zip(todo, futures):
+                    verdict = _verdict(future, deadline)
+                    if verdict is not None:
+                        verdicts[index] = verdict
+                if time.monotonic() > deadline:
+                    logger.warning("the grading pool took no work before the batch deadline; restarting it")
+                if len(verdicts) < len(pairs) or time.monotonic() > deadline:
+                    self.close()
         except BaseException:
             self.close()  # an interrupted batch must leave no check in flight for the next batch to misread
             raise
-        return verdicts
-
-    def _dispatch(self, queue: deque, pairs: list[tuple[str, str]], timeout_s: float) -> None:
-        for worker in list(self._pool):
-            if worker.ready and worker.task is None and queue:
-                index = queue.popleft()
-                try:
-                    worker.conn.send((index, *pairs[index], timeout_s))
-                except (BrokenPipeError, OSError):  # it died while idle (OOM killer): the pair waits for a new one
-                    queue.appendleft(index)
-                    self._pool[self._pool.index(worker)] = self._replacement(worker)
-                    logger.warning("a grading worker died while idle (exit code %s); replaced",
-                                   worker.process.exitcode)
-                    continue
-                worker.task, worker.deadline = index, time.monotonic() + timeout_s + HARD_KILL_GRACE_S
-
-    def _receive(self, verdicts: list) -> None:
-        waiting = {worker.conn: worker for worker in self._pool if worker.task is not None or not worker.ready}
-        timeout = max(0.0, min(worker.deadline for worker in waiting.values()) - time.monotonic())
-        for conn in wait(list(waiting), timeout):
-            worker = waiting[conn]
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the worker died: a segfault in C code, the OOM killer
-                self._handle_death(worker, verdicts)
-                continue
-            if message == "ready":
-                worker.ready, worker.deadline = True, math.inf
-                continue
-            index, equal, note = message
-            verdicts[index], worker.task, worker.deadline = (equal, note), None, math.inf
-
-    def _handle_death(self, worker: _Worker, verdicts: list) -> None:
-        worker.process.join(timeout=5)  # reap it, so that its exit code is known
-        if not worker.ready:
-            raise GraderError(f"a grading worker exited during start-up (exit code {worker.process.exitcode}); "
-                              "check that `python -c 'import math_verify'` works in this environment")
-        logger.warning("a grading worker died (exit code %s); its answer is graded wrong", worker.process.exitcode)
-        verdicts[worker.task] = (False, "worker_crashed")
-        self._pool[self._pool.index(worker)] = self._replacement(worker)
-
-    def _replace_overdue(self, verdicts: list, timeout_s: float) -> None:
-        now = time.monotonic()
-        for worker in [worker for worker in self._pool if worker.deadline <= now]:
-            if not worker.ready:
-                raise GraderError(f"a grading worker did not start within {START_TIMEOUT_S:.0f} s; "
-                                  "the machine may be overloaded")
-            logger.warning("a grading worker ignored its %.1f s timer and was killed and replaced", timeout_s)
-            verdicts[worker.task] = (False, "timeout")
-            self._pool[self._pool.index(worker)] = self._replacement(worker)
-
-    def _replacement(self, worker: _Worker) -> _Worker:
-        _stop(worker)
-        return self._spawn()
-
-    def _spawn(self) -> _Worker:
-        parent_conn, child_conn = self._context.Pipe()
-        process = self._context.Process(target=_worker_main, args=(child_conn,), name="mathsft-grader",
-                                        daemon=True)
-        process.start()
-        child_conn.close()  # the child holds its own copy; closing ours lets recv() see its death as EOF
-        return _Worker(process, parent_conn, deadline=time.monotonic() + START_TIMEOUT_S)
+        return [verdicts.get(index, (False, "worker_crashed")) for index in range(len(pairs))]
 
 
-def _stop(worker: _Worker) -> None:
-    if worker.ready and worker.task is None:
-        try:
-            worker.conn.send(None)
-            worker.process.join(timeout=2)
-        except (BrokenPipeError, OSError):  # already gone: nothing to ask
-            pass
-    # Kill what is still running: a worker stuck in C code never reads the pipe again.
-    if worker.process.is_alive():
-        worker.process.kill()
-    worker.process.join(timeout=5)
-    worker.conn.close()
+def _verdict(future: pebble.ProcessFuture, deadline: float) -> tuple[bool, str] | None:
+    """(equal, note) of one check; None when pebble broke the pool before running it (check it again)."""
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except (TimeoutError, concurrent.futures.TimeoutError):  # the same class from Python 3.11 on
+        if future.done():  # pebble's hard timeout, not the batch deadline
+            logger.warning("a grading worker ignored its timer and was killed and replaced")
+        return False, "timeout"
+    except BrokenProcessPool:  # pebble's verdict when a worker dies while no check runs (the OOM killer)
+        return None
+    except ProcessExpired as exc:  # the worker died mid-check: a segfault in C code, the OOM killer
+        logger.warning("a grading worker died (exit code %s); its answer is graded wrong", exc.exitcode)
+        return False, "worker_crashed"
+    except Exception as exc:  # noqa: BLE001 -- the check raised in the worker (MemoryError at its limit,
+        # RecursionError on a huge answer): the answer is unproven, so not equal; the worker goes on.
+        logger.warning("a grading check raised %s; its answer is graded wrong", type(exc).__name__)
+        return False, "check_error"
 
 
 def _result(failure_type: str | None) -> dict:

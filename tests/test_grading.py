@@ -12,10 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import pebble
 import pytest
 
-from common.grading import (Grader, default_grader, extract_answer, fast_verdict, format_failure_type, grade_batch,
-                            ground_truth_answer, r1_zero_reward, shutdown, strip_string)
+from common.grading import (HARD_KILL_GRACE_S, Grader, default_grader, extract_answer, fast_verdict,
+                            format_failure_type, grade_batch, ground_truth_answer, r1_zero_reward, shutdown,
+                            strip_string)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,16 +209,28 @@ def test_adversarial_answers_return_within_the_timeout(grader):
     assert results[-1]["reward"] == 1.0 and results[-1]["grading_note"] == ""  # the batch is not poisoned
 
 
+SLOW_CHECK = "9^{9^{9^{9}}}"  # math-verify works on it until the worker's timer stops it
+
+
+def signal_during_check(pids: list[int], signum: int, delay_s: float = 1.0) -> threading.Timer:
+    """Send signum to the workers once they are busy with the batch that the caller grades now."""
+    timer = threading.Timer(delay_s, lambda: [os.kill(pid, signum) for pid in pids])
+    timer.start()
+    return timer
+
+
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_a_hung_worker_is_killed_and_replaced():
     with Grader(workers=2) as pool:
         pool.start()
         stuck = pool.pids
-        for pid in stuck:  # frozen: not even the worker's own timer can run
-            os.kill(pid, signal.SIGSTOP)
+        # Frozen mid-check: not even the worker's own timer can run, as in a C loop that ignores it.
+        freezer = signal_during_check(stuck, signal.SIGSTOP)
         started = time.monotonic()
-        results = pool.grade([wrap("(x+1)^2"), wrap("2\\sqrt{3}")], ["x^2+2x+1", "\\sqrt{12}"], TIMEOUT_S)
-        assert time.monotonic() - started < TIMEOUT_S * 3 + 5
+        results = pool.grade([wrap(SLOW_CHECK), wrap("10^{10^{10^{10}}}")], ["3", "4"], TIMEOUT_S)
+        freezer.join()
+        # timeout + grace, then pebble's SIGTERM -> SIGKILL wait per frozen worker
+        assert time.monotonic() - started < TIMEOUT_S + HARD_KILL_GRACE_S + 2 * pebble.CONSTS.term_timeout + 5
         assert [result["grading_note"] for result in results] == ["timeout", "timeout"]
         assert [result["reward"] for result in results] == [0.0, 0.0]
         assert not any(is_alive(pid) for pid in stuck)
@@ -241,13 +255,12 @@ def test_a_worker_killed_while_idle_is_replaced_and_the_batch_is_graded():
 def test_a_worker_dying_mid_check_grades_that_answer_wrong_with_a_note():
     with Grader(workers=1) as pool:
         pool.start()
-        [pid] = pool.pids
-        os.kill(pid, signal.SIGSTOP)  # hold it mid-check, then kill it
-        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
-        killer.start()
-        results = pool.grade([wrap("(x+1)^2")], ["x^2+2x+1"], timeout_s=30)
+        killer = signal_during_check(pool.pids, signal.SIGKILL)
+        results = pool.grade([wrap(SLOW_CHECK)], ["3"], timeout_s=30)
         killer.join()
         assert results[0]["grading_note"] == "worker_crashed" and results[0]["reward"] == 0.0
+        again = pool.grade([wrap("(x+1)^2")], ["x^2+2x+1"], TIMEOUT_S)  # its replacement grades
+        assert again[0]["reward"] == 1.0 and again[0]["grading_note"] == ""
 
 
 def test_close_and_interpreter_exit_leave_no_workers():
