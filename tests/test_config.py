@@ -1,6 +1,8 @@
 """Config loading: typed, validated before anything heavy, one-line errors naming key and file."""
 
 
+import re
+
 import pytest
 
 from common.config import ConfigError, load_config
@@ -85,3 +87,52 @@ def test_one_results_root_and_the_old_path_keys_name_it(tmp_path):
     for old in ("training.output_dir", "evaluation.checkpoints_dir", "evaluation.store_path"):
         with pytest.raises(ConfigError, match="paths.results_dir"):
             load_config(None, [f"{old}={tmp_path}"])
+
+
+def config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_typo_in_an_override_names_the_override_and_the_key_meant():
+    message = config_error(REFERENCE, ["training.lerning_rate=1e-5"])
+    assert message.startswith("override 'training.lerning_rate=1e-5': unknown key training.lerning_rate")
+    assert message.endswith("did you mean training.learning_rate?")
+    assert REFERENCE not in message
+
+
+def test_a_bad_value_from_an_override_names_the_override_not_the_file():
+    assert config_error(REFERENCE, ["training.batch_size=0"]).startswith("override 'training.batch_size=0': ")
+    assert config_error(REFERENCE, ["training.packing=3"]).startswith("override 'training.packing=3': ")
+    assert config_error(REFERENCE, ["trainig.max_steps=1"]) == (
+        "override 'trainig.max_steps=1': unknown key trainig; did you mean training?")
+
+
+def test_a_key_in_the_wrong_section_points_to_its_section():
+    assert config_error(None, ["training.grading_workers=2"]).endswith("did you mean evaluation.grading_workers?")
+
+
+def test_a_typo_in_a_file_names_its_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("# bin/train --config typo.yaml\ntraining:\n  max_steps: 3\n  warmup_step: 1\n")
+    assert config_error(path) == f"{path}:4: unknown key training.warmup_step; did you mean training.warmup_steps?"
+    path.write_text("training:\n  max_steps: 3\n  batch_size: 0\n")
+    assert config_error(path).startswith(f"{path}:3: training.batch_size must be >= 1")
+    # the override replaces the file's value: the error is the override's
+    assert config_error(path, ["training.batch_size=-1"]).startswith("override 'training.batch_size=-1': ")
+
+
+def test_yaml_syntax_errors_give_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("training:\n  max_steps: 3\n  batch_size: [1, 2\nmodel:\n  dtype: x\n")
+    message = config_error(path)
+    assert re.match(rf"{re.escape(str(path))}:\d+:\d+: invalid YAML \(", message), message
+    path.write_text("training:\n  max_steps: 3\n bad: indent\n")
+    assert config_error(path).startswith(f"{path}:3:")
+
+
+def test_an_override_with_an_invalid_yaml_value_is_named():
+    assert config_error(None, ["evaluation.stop=[a, b"]).startswith("override 'evaluation.stop=[a, b': ")
