@@ -377,9 +377,3 @@ def _safe_name(name: str) -> bool:
 def to_dict(config: Config) -> dict:
     """The fully resolved config, as written into each checkpoint and evaluation record."""
     return dataclasses.asdict(config)
-
-
-def add_config_arguments(parser) -> None:
-    """The `--config FILE [key=value ...]` arguments every entry point takes."""
-    parser.add_argument("--config", default=None, help="YAML file in config/ (defaults when omitted)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=100")

@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import (CONFIG_ERROR_EXIT_CODE, Config, ConfigError, EvaluationConfig, add_config_arguments,
-                           load_config, to_dict)
+from common import cli
+from common.config import Config, ConfigError, EvaluationConfig, load_config, to_dict
 from common.contract import (Checkpoint, Layout, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument, now_iso,
                              read_sidecar, scan_published)
 from common.data import DatasetError
@@ -69,15 +69,15 @@ class Context:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.print_config:
+        return cli.print_config("eval", args)
+    cli.setup_logging()
     # ---- config and validation: nothing heavy is loaded before these pass ----
     try:
         config = load_config(args.config, args.overrides)
         device = resolve_device(config.evaluation)
     except ConfigError as exc:
-        logger.error("%s", exc)
-        return CONFIG_ERROR_EXIT_CODE
+        return cli.fail("eval", exc)
     e = config.evaluation
     stop = StopSignal()
     stop.install()
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         eval_set = load_eval_set(e, config.data.prompt_template)
     except DatasetError as exc:
-        logger.error("%s", exc)
-        return CONFIG_ERROR_EXIT_CODE
+        return cli.fail("eval", exc)
     sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, stop=tuple(e.stop),
                         seed=e.seed)
     worker_id = e.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -121,9 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("stopped")
 
 
+EXAMPLES = """examples:
+  bin/eval --config config/sft_config.yaml                    # watch results/checkpoints/ (GPU 1)
+  bin/eval --config config/sft_config.yaml --once             # evaluate what is pending, then exit
+  bin/eval --config config/base_math500_greedy.yaml --checkpoint Qwen/Qwen2.5-Math-1.5B
+  bin/eval --config config/sft_config.yaml evaluation.schedule=latest evaluation.num_eval_samples=500
+  bin/eval --config config/sft_config.yaml --print-config     # the resolved config, then exit
+
+Results: bin/query progress, bin/plot. """ + cli.CONFIG_HELP
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/eval", description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = cli.ToolParser("eval", description=__doc__.splitlines()[0], epilog=EXAMPLES)
+    cli.add_config_arguments(parser, example="evaluation.temperature=0")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="evaluate the pending checkpoints, then exit")
     mode.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID", help="evaluate one model directory or hub id, then exit")
@@ -225,8 +234,8 @@ def pending_work(ctx: Context, warn: WarnOnce) -> list[Checkpoint]:
 
 def evaluate_single(ctx: Context, model: str) -> int:
     if is_local(model) and not Path(model).expanduser().is_dir():
-        logger.error("--checkpoint %s: no such model directory; pass a Hugging Face model directory or a hub id", model)
-        return CONFIG_ERROR_EXIT_CODE
+        return cli.fail("eval", f"--checkpoint {model}: no such model directory; "
+                                "pass a Hugging Face model directory or a hub id")
     checkpoint = checkpoint_from_argument(model)
     if is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key):
         logger.info("%s (run %s step %d) is already recorded for %s; nothing to do", model, checkpoint.run_id,

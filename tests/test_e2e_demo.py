@@ -73,7 +73,7 @@ def test_a_demo_that_does_not_learn_exits_1_saying_so(tmp_path):
     assert "engine: hf (transformers, the fastest for the tiny model;" in done.stdout  # config/demo.yaml's choice
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith("bin/demo: FAILED: the model did not learn the answer format: format accuracy 0% at step 0")
+    assert message.startswith("demo: error: the model did not learn the answer format: format accuracy 0% at step 0")
     assert "training.learning_rate" in message
 
 

@@ -185,7 +185,7 @@ def test_summary_into_a_closed_pipe_is_quiet(filled):
 def test_unknown_run_names_the_runs_there(filled, tmp_path):
     result = plot("--db", str(filled.db_path), "--run", "run_z", "--out", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: no successful evaluation of run run_z in {filled.db_path}; "
+    assert result.stderr.strip() == (f"plot: error: no successful evaluation of run run_z in {filled.db_path}; "
                                      f"runs there: run_a, run_b")
     assert list(tmp_path.iterdir()) == []
 
@@ -199,7 +199,7 @@ def test_missing_and_empty_stores_say_so(tmp_path):
     fill_synthetic_store(db, runs={"run_a": ()}, failed={"run_a": (0,)})
     result = plot("--db", str(db), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
-    assert result.stderr.strip().startswith(f"error: no successful evaluation in {db} yet")
+    assert result.stderr.strip().startswith(f"plot: error: no successful evaluation in {db} yet")
     assert not (tmp_path / "out").exists()
 
 

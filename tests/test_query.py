@@ -150,6 +150,9 @@ def test_a_pipe_closed_before_the_first_write_is_quiet_too(filled, args):
     ("CREATE TABLE notes (a INT)", "CREATE"),
     ("COPY samples TO '/tmp/mathsft_copy_test.csv'", "COPY"),
     ("SELECT 1; DELETE FROM samples", "DELETE"),
+    ("INSTALL httpfs", "INSTALL"),  # DuckDB files INSTALL under its LOAD statement type
+    ("FORCE INSTALL httpfs", "FORCE INSTALL"),
+    ("LOAD httpfs", "LOAD"),
 ])
 def test_write_statements_are_refused_and_change_nothing(filled, sql, kind):
     before = query("--db", str(filled.db_path), "--format", "json", "SELECT count(*) AS n FROM samples").stdout
@@ -157,7 +160,7 @@ def test_write_statements_are_refused_and_change_nothing(filled, sql, kind):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"error: bin/query is read-only: {kind} statements are refused (the eval daemon is the store's only writer)"
+        f"query: error: bin/query is read-only: {kind} statements are refused (the eval daemon is the store's only writer)"
         + ("; to export, use --format csv > file.csv" if kind == "COPY" else "")]
     assert query("--db", str(filled.db_path), "--format", "json", "SELECT count(*) AS n FROM samples").stdout == before
     assert not Path("/tmp/mathsft_copy_test.csv").exists()
@@ -167,14 +170,14 @@ def test_the_read_only_file_refuses_what_slips_past_the_statement_check(filled):
     # EXPLAIN ANALYZE runs the INSERT it explains; the read-only connection stops it.
     result = query("--db", str(filled.db_path), "EXPLAIN ANALYZE INSERT INTO meta VALUES ('x', 'y')")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: bin/query is read-only: statements that write are refused "
+    assert result.stderr.strip() == ("query: error: bin/query is read-only: statements that write are refused "
                                      "(the eval daemon is the store's only writer)")
 
 
 @pytest.mark.parametrize("sql, message", [
-    ("SELEC * FROM progress", 'error: Parser Error: syntax error at or near "SELEC"'),
-    ("progres", 'error: Catalog Error: Table with name progres does not exist! Did you mean "progress"?'),
-    ("SELECT nope FROM progress", 'error: Binder Error: Referenced column "nope" not found in FROM clause!'),
+    ("SELEC * FROM progress", 'query: error: Parser Error: syntax error at or near "SELEC"'),
+    ("progres", 'query: error: Catalog Error: Table with name progres does not exist! Did you mean "progress"?'),
+    ("SELECT nope FROM progress", 'query: error: Binder Error: Referenced column "nope" not found in FROM clause!'),
 ])
 def test_bad_sql_is_one_line_without_traceback(filled, sql, message):
     result = query("--db", str(filled.db_path), sql)
@@ -187,7 +190,7 @@ def test_bad_sql_is_one_line_without_traceback(filled, sql, message):
 def test_missing_store_names_db_and_the_eval_daemon(tmp_path):
     result = query("--db", str(tmp_path / "none.duckdb"), "progress")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: no results store at {tmp_path / 'none.duckdb'}: the eval daemon "
+    assert result.stderr.strip() == (f"query: error: no results store at {tmp_path / 'none.duckdb'}: the eval daemon "
                                      f"(bin/eval) creates it with its first evaluation; or pass --db PATH")
     assert not (tmp_path / "none.duckdb").exists()
 
@@ -197,7 +200,7 @@ def test_a_file_that_is_not_a_store_is_one_line(tmp_path):
     result = query("--db", str(tmp_path / "notes.duckdb"), "progress")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f'error: cannot open {tmp_path / "notes.duckdb"}: IO Error: The file "{tmp_path / "notes.duckdb"}" exists, '
+        f'query: error: cannot open {tmp_path / "notes.duckdb"}: IO Error: The file "{tmp_path / "notes.duckdb"}" exists, '
         f'but it is not a valid DuckDB database file!']
 
 

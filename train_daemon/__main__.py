@@ -18,7 +18,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config, to_dict
+from common import cli
+from common.config import Config, ConfigError, load_config, to_dict
 from common.contract import Sidecar, is_evaluated, load_or_new_manifest, remove_stale_temp_dirs
 from common.data import DatasetError
 from common.tracking import start_tracking
@@ -37,11 +38,10 @@ logger = logging.getLogger("train_daemon")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bin/train", description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.print_config:
+        return cli.print_config("train", args)
+    cli.setup_logging()
 
     try:
         # ---- parse and validate (nothing heavy is touched before this passes)
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = make_optimizer(model, t.learning_rate, (t.adam_beta1, t.adam_beta2), t.weight_decay, setup.device)
         scheduler = make_scheduler(optimizer, t.warmup_steps, total_steps, t.min_lr_ratio)
     except (ConfigError, DatasetError) as exc:
-        print(f"bin/train: error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
+        return cli.fail("train", exc)
 
     # ---- resume (or start fresh): crash leftovers go first
     write_run_files(run, config)
@@ -93,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         resumed = load_resume_state(run.resume_dir, model, optimizer, scheduler, setup.device)
     except ResumeError as exc:
         publisher.wait()
-        print(f"bin/train: error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
+        return cli.fail("train", exc)
     if resumed is not None:
         state, stream = resumed, ExampleStream(len(examples), t.seed, resumed.data_epoch, resumed.data_index)
         publish_if_due(state.last_loss)  # the resumed step, if a crash cut its publish short
@@ -166,6 +164,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logger.info("run %s done at step %d", run.run_id, state.step)
     return 0
+
+
+EXAMPLES = """examples:
+  bin/train --config config/sft_config.yaml data.train_source=/data/MATH
+  bin/train --config config/sft_config.yaml training.max_steps=200 training.eval_every=20
+  bin/train --config config/sft_config.yaml --print-config      # the resolved config, then exit
+
+resume: after a crash, Ctrl-C or kill -9, run the same command with training.run_id=<id> (the id is
+logged at start, "run <id>: starting ...", and names results/runs/<id>/): weights, optimizer,
+scheduler, RNG and data position continue from the last saved step (training.save_resume_every).
+
+""" + cli.CONFIG_HELP
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = cli.ToolParser("train", description=__doc__.splitlines()[0], epilog=EXAMPLES)
+    cli.add_config_arguments(parser, example="training.learning_rate=1e-5")
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def _sidecar(config: Config, run: Run, step: int, metrics: dict) -> Sidecar:

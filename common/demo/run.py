@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import CONFIG_ERROR_EXIT_CODE, Config, ConfigError, add_config_arguments, load_config
+from common.cli import ToolParser, add_config_arguments, fail, print_config
+from common.config import Config, ConfigError, load_config
 from common.contract import Layout, ManifestError, read_manifest
 from common.demo.follow import Progress
 from common.demo.inputs import DemoInputs, ensure_inputs
@@ -51,6 +52,8 @@ class DemoFailed(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config("demo", args)
     logging.basicConfig(level=logging.INFO, format="[demo]  %(message)s", stream=sys.stdout)
     started = time.monotonic()
     os.chdir(REPO)  # config paths are relative to the repository root, as for bin/train and bin/eval
@@ -60,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         check_demo_config(config, args.config)
     except ConfigError as exc:
-        print(f"bin/demo: error: {exc}", file=sys.stderr)
-        return CONFIG_ERROR_EXIT_CODE
+        return fail("demo", exc)
     run_id = config.training.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     layout = Layout.of(config)
     store, logs = layout.store, layout.root / "logs"  # logs/: the demo's own (the daemons' stdout)
@@ -106,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except DemoFailed as exc:
         stop_all(daemons)
-        print(f"bin/demo: FAILED: {exc}", file=sys.stderr)
-        return 1
+        return fail("demo", exc, 1)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
 
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         run_tool(["bin/plot", "--db", str(store), "--run", run_id, "--out", str(layout.root / "plots")])
         verdict = check_learning(rows)
     except DemoFailed as exc:
-        print(f"bin/demo: FAILED: {exc}; see {logs}/", file=sys.stderr)
-        return 1
+        return fail("demo", f"{exc}; see {logs}/", 1)
     minutes, seconds = divmod(int(time.monotonic() - started), 60)
     say(f"{verdict}; finished in {minutes} min {seconds} s")
     say(f"explore: bin/query --db {store} progress   |   bin/query --db {store} --list")
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/demo", description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = ToolParser("demo", description=__doc__.splitlines()[0])
+    add_config_arguments(parser, example="training.max_steps=20")
     parser.set_defaults(config=DEFAULT_CONFIG)
     parser.add_argument("--rebuild", action="store_true", help="rebuild the demo dataset and model")
     return parser.parse_intermixed_args(argv)

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
+from common.cli import ToolParser, fail  # noqa: E402
 from common.durable import atomic_write  # noqa: E402
 from common.grading import FORMAT_FAILURE_TYPES  # noqa: E402
 from common.store.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, REPO_ROOT, format_table, print_stdout  # noqa: E402
@@ -387,7 +388,7 @@ def summary_text(series: Sequence[Series]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/plot", description="Training-progression charts from the store.")
+    parser = ToolParser("plot", description="Training-progression charts from the store.")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
     parser.add_argument("--run", action="append", default=[], metavar="RUN_ID",
                         help="only this run (repeat for several; default: every run)")
@@ -402,22 +403,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         series = load_series(args.db, args.run)
     except StoreBusyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail("plot", exc, 1)
     except (StoreError, PlotError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail("plot", exc)
     if not series:
-        print(f"error: no successful evaluation in {args.db} yet; plots appear after the eval daemon's first "
-              f"evaluation", file=sys.stderr)
-        return 1
+        return fail("plot", f"no successful evaluation in {args.db} yet; plots appear after the eval daemon's "
+                            "first evaluation", 1)
     if args.summary:
         return 0 if print_stdout(summary_text(series)) else BROKEN_PIPE_EXIT_CODE
     try:
         paths = save_charts(series, args.out)
     except PlotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail("plot", exc, 1)
     if paths and not print_stdout("\n".join(str(path) for path in paths)):
         return BROKEN_PIPE_EXIT_CODE
     return 0

@@ -29,13 +29,13 @@ from typing import Any, Sequence
 
 import duckdb
 
+from common.cli import ToolParser, fail
 from common.config import PathsConfig
 from common.contract import Layout
 from common.store.schema import VIEWS, StoreBusyError, StoreError, connect_read_only, one_line_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = Layout(REPO_ROOT / PathsConfig().results_dir).store  # what bin/eval writes by default
-USAGE_ERROR_EXIT_CODE = 2
 BUSY_EXIT_CODE = 1
 BROKEN_PIPE_EXIT_CODE = 1  # the reader closed stdout early (`| head`); the output is cut short
 
@@ -69,10 +69,18 @@ def check_read_only(sql: str) -> None:
         raise QueryError("no SQL statement given")
     for statement in statements:
         if statement.type not in READ_ONLY_TYPES:
-            kind = statement.type.name.replace("_", " ")
+            kind = statement_name(statement)
             hint = "; to export, use --format csv > file.csv" if kind.startswith(("COPY", "EXPORT")) else ""
             raise QueryError(f"bin/query is read-only: {kind} statements are refused "
                              f"(the eval daemon is the store's only writer){hint}")
+
+
+def statement_name(statement: duckdb.Statement) -> str:
+    """The statement's SQL keyword: DuckDB files INSTALL (and FORCE INSTALL) under its LOAD type."""
+    if statement.type == duckdb.StatementType.LOAD:
+        words = statement.query.upper().split()
+        return " ".join(words[:2]) if words[:1] == ["FORCE"] else words[0]
+    return statement.type.name.replace("_", " ")
 
 
 def run_query(db_path: Path, sql: str) -> tuple[list[str], list[tuple]]:
@@ -121,7 +129,7 @@ def format_cell(value: Any, max_width: int) -> str:
         text = str(_plain(value))
     # One line per row: long responses would otherwise wreck the alignment.
     text = text.replace("\r", "").replace("\n", "\\n")
-    return text if len(text) <= max_width else text[: max_width - 3] + "..."
+    return text if max_width == 0 or len(text) <= max_width else text[: max_width - 3] + "..."
 
 
 def format_table(columns: Sequence[str], rows: Sequence[tuple], max_width: int = 60) -> str:
@@ -175,16 +183,38 @@ def list_views() -> str:
 # ---- entry point ---------------------------------------------------------------------------------
 
 
+EPILOG = """examples:
+  bin/query progress                                   # a view by name (bin/query --list names them)
+  bin/query "SELECT run_id, max(accuracy) FROM progress GROUP BY run_id"
+  bin/query --format csv by_subject > by_subject.csv
+  bin/query --max-width 0 "SELECT response FROM samples LIMIT 1"   # whole cells
+
+Only statements that read run: INSERT, COPY, INSTALL, ATTACH, ... are refused (the eval daemon is
+the store's only writer). SQL examples: README.md, section "Ready SQL".
+
+exit codes:
+  0  ok
+  1  the store stayed busy for 30 s, or stdout was closed early (`| head`): the output is cut short
+  2  bad SQL, a refused statement, no store at --db, an unknown view, a bad argument"""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/query", description="Read-only SQL on the results store.")
+    parser = ToolParser("query", description="Read-only SQL on the results store (safe while bin/eval writes it).",
+                        epilog=EPILOG)
     parser.add_argument("sql", nargs="?", help="a SQL statement, or the name of a view (see --list)")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    parser.add_argument("--max-width", type=int, default=60, help="table cells longer than this are cut")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="table: aligned columns for reading (default); csv: RFC 4180 with a header row; "
+                             "json: one array of {column: value} objects")
+    parser.add_argument("--max-width", type=int, default=60, metavar="N",
+                        help="table format: cut cells longer than N characters, marking the cut with ... "
+                             "(default %(default)s; 0: never cut); csv and json are never cut")
     parser.add_argument("--list", action="store_true", help="list the views with one line each")
     args = parser.parse_args(argv)
     if not args.list and not args.sql:
         parser.error("give a SQL statement or a view name, or --list")
+    if args.max_width < 0 or 0 < args.max_width < 4:
+        parser.error(f"--max-width {args.max_width}: give 0 (never cut) or at least 4 (room for the ...)")
     return args
 
 
@@ -196,11 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         columns, rows = run_query(args.db, resolve_sql(args.sql))
     except StoreBusyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return BUSY_EXIT_CODE
+        return fail("query", exc, BUSY_EXIT_CODE)
     except (QueryError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE_ERROR_EXIT_CODE
+        return fail("query", exc)
     if columns:
         formatters = {"table": lambda: format_table(columns, rows, args.max_width),
                       "csv": lambda: format_csv(columns, rows), "json": lambda: format_json(columns, rows)}
