@@ -148,7 +148,6 @@ def run_plain(model_dir, examples, steps, pad_id, args) -> dict:
 
     result = _time_steps(one_step, steps, args.warmup, device)
     result["micro_batch"] = f"{args.plain_micro_batch} padded"
-    del model, optimizer
     return result
 
 
@@ -222,7 +221,6 @@ def run_trainer(config, examples, steps, check_indices, reference, pad_id, args)
     cap = f"<={t.max_tokens_per_micro_batch // 1024}k" if t.packing and t.max_tokens_per_micro_batch else ""
     result["micro_batch"] = f"{t.batch_size}{cap} {'packed' if t.packing else 'padded'}"
     result["check"] = check
-    del model, optimizer, scheduler
     return result
 
 

@@ -17,6 +17,8 @@ from test_eval_daemon import REPO, daemon_args, publish_model
 from common.store.plots import draw_accuracy, load_series, save_charts
 from common.store.schema import FORMAT_FAILURE_TYPES, connect_read_only
 
+pytestmark = pytest.mark.slow  # real processes
+
 
 @pytest.fixture(scope="module")
 def evaluated_store(tmp_path_factory, tiny_model_dir):

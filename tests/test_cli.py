@@ -31,6 +31,7 @@ def imported_modules(importtime_stderr: str) -> set[str]:
     return names
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("module", ["eval_daemon"])
 def test_help_answers_without_importing_torch(module):
     done = run(module, "--help", python_flags=("-X", "importtime"))
@@ -41,6 +42,7 @@ def test_help_answers_without_importing_torch(module):
     assert "Configuration reference" in done.stdout and "--print-config" in done.stdout
 
 
+@pytest.mark.slow  # a real process
 def test_eval_help_shows_evaluation_examples_not_training_ones():
     done = run("eval_daemon", "--help")
     assert done.returncode == 0
@@ -48,6 +50,7 @@ def test_eval_help_shows_evaluation_examples_not_training_ones():
     assert "bin/train" not in done.stdout and "training." not in done.stdout
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("module", ["eval_daemon", "common.demo.run"])
 def test_print_config_prints_the_resolved_config_that_loads_back(module, tmp_path):
     done = run(module, "--config", "config/sft_config.yaml", "--print-config", "training.max_steps=7",
@@ -60,6 +63,7 @@ def test_print_config_prints_the_resolved_config_that_loads_back(module, tmp_pat
     assert yaml.safe_load(done.stdout)["training"]["max_steps"] == 7
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("module, args", [
     ("eval_daemon", ["--print-config", "training.batch_size=0"]),
     ("eval_daemon", ["evaluation.tempreature=0"]),
@@ -76,6 +80,7 @@ def test_usage_and_start_up_errors_are_one_line_and_exit_2(module, args):
     assert done.stdout == ""
 
 
+@pytest.mark.slow  # a real process
 def test_a_config_typo_names_the_override_and_the_key_meant():
     done = run("eval_daemon", "--config", "config/sft_config.yaml", "evaluation.tempreature=0")
     assert done.stderr.strip() == ("eval: error: override 'evaluation.tempreature=0': unknown key "
@@ -98,6 +103,7 @@ bar.close()
 """
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("handler, mixed", [("shared", False), ("plain", True)])
 def test_progress_bars_never_interleave_with_log_lines(handler, mixed):
     done = subprocess.run([sys.executable, "-c", BAR_AND_LOGS, handler], cwd=REPO, capture_output=True, text=True,

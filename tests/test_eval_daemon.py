@@ -235,6 +235,7 @@ def test_checkpoint_argument_evaluates_one_model_and_exits(tmp_path, tiny_model_
     assert code == 2 and "no such model directory" in log
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("override,message", [
     ("evaluation.device=cuda:1", "evaluation.device is cuda:1 but 0 GPU(s) are visible; set evaluation.device=cpu"),
     ("evaluation.shedule=latest", "unknown key evaluation.shedule"),

@@ -202,6 +202,7 @@ class ScriptedEngine:
         pass
 
 
+@pytest.mark.slow  # the unparsable answer starts a real grading worker
 def test_evaluation_categories_files_and_store(tmp_path, math_dir):
     examples = load_math(str(math_dir), "test")  # 7 problems; answers 5, 3, 3/4, 1, 6, 20, 3 in this order
     answers = [e.answer for e in examples]

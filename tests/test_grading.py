@@ -66,7 +66,8 @@ def test_format_failure_type(response, finish_reason, expected):
     assert format_failure_type(response, finish_reason) == expected
 
 
-def test_format_failure_means_zero_reward_even_for_a_right_answer(grader):
+def test_format_failure_means_zero_reward_even_for_a_right_answer():
+    grader = Grader(workers=1)  # format failures never reach the pool
     responses = [" <answer> 5 </answer>", " 2+3 </think>\n<answer> 5 </answer>", " 2+3 </think> <answer> 5"]
     results = grader.grade(responses, ["5"] * 3, TIMEOUT_S)
     for result in results:
@@ -75,7 +76,8 @@ def test_format_failure_means_zero_reward_even_for_a_right_answer(grader):
         "missing_think_close", "missing_answer_open", "missing_answer_close"]
 
 
-def test_finish_reasons_mark_incomplete_generations(grader):
+def test_finish_reasons_mark_incomplete_generations():
+    grader = Grader(workers=1)  # "5" against "5" is settled by the fast path
     responses = [" long </think> <answer> 5", wrap("5")]
     results = grader.grade(responses, ["5", "5"], TIMEOUT_S, finish_reasons=["length", "length"])
     assert [result["format_failure_type"] for result in results] == ["incomplete_generation", None]
@@ -134,12 +136,14 @@ NOT_EQUIVALENT = [
 ]
 
 
+@pytest.mark.slow  # real worker processes
 def test_equivalent_forms_are_graded_right(grader):
     rewards = answer_rewards(grader, EQUIVALENT)
     wrong = [pair for pair, reward in zip(EQUIVALENT, rewards) if reward != 1.0]
     assert not wrong, f"graded wrong: {wrong}"
 
 
+@pytest.mark.slow  # real worker processes
 def test_different_answers_are_graded_wrong(grader):
     rewards = answer_rewards(grader, NOT_EQUIVALENT)
     right = [pair for pair, reward in zip(NOT_EQUIVALENT, rewards) if reward != 0.0]
@@ -166,6 +170,7 @@ def test_fast_path_settles_plain_numbers_without_starting_workers():
         assert fresh.pids == []
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_a_repeated_batch_is_answered_from_remembered_verdicts():
     responses, truths = [wrap("(x+1)^2"), wrap("x^2")], ["x^2+2x+1", "x^2+1"]
@@ -180,7 +185,8 @@ def test_a_repeated_batch_is_answered_from_remembered_verdicts():
     assert [result["reward"] for result in first] == [1.0, 0.0]
 
 
-def test_batch_lengths_must_match(grader):
+def test_batch_lengths_must_match():
+    grader = Grader(workers=1)  # refused before anything reaches the pool
     with pytest.raises(ValueError, match="2 responses, 1 ground truths and 2 finish reasons"):
         grader.grade([wrap("1"), wrap("2")], ["1"])
     with pytest.raises(ValueError, match="1 responses, 1 ground truths and 2 finish reasons"):
@@ -193,6 +199,7 @@ ADVERSARIAL = ["9^{9^{9^{9}}}", "10^{10^{10^{10}}}", "(" * 2000 + "1" + ")" * 20
                "\\frac{" * 500 + "1" + "}{2}" * 500]
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_adversarial_answers_return_within_the_timeout(grader):
     timeout_s = 1.0
@@ -219,6 +226,7 @@ def signal_during_check(pids: list[int], signum: int, delay_s: float = 1.0) -> t
     return timer
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_a_hung_worker_is_killed_and_replaced():
     with Grader(workers=2) as pool:
@@ -239,6 +247,7 @@ def test_a_hung_worker_is_killed_and_replaced():
         assert again[0]["reward"] == 1.0 and again[0]["grading_note"] == ""
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_a_worker_killed_while_idle_is_replaced_and_the_batch_is_graded():
     with Grader(workers=2) as pool:
@@ -251,6 +260,7 @@ def test_a_worker_killed_while_idle_is_replaced_and_the_batch_is_graded():
         assert [result["grading_note"] for result in results] == ["", ""]
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)  # a broken pool hangs: fail instead
 def test_a_worker_dying_mid_check_grades_that_answer_wrong_with_a_note():
     with Grader(workers=1) as pool:
@@ -263,6 +273,7 @@ def test_a_worker_dying_mid_check_grades_that_answer_wrong_with_a_note():
         assert again[0]["reward"] == 1.0 and again[0]["grading_note"] == ""
 
 
+@pytest.mark.slow  # real worker processes
 def test_close_and_interpreter_exit_leave_no_workers():
     with Grader(workers=2) as pool:
         pool.start()
@@ -281,6 +292,7 @@ def test_close_and_interpreter_exit_leave_no_workers():
     assert not any(is_alive(pid) for pid in child_pids)
 
 
+@pytest.mark.slow  # real worker processes
 @pytest.mark.timeout(120)
 def test_workers_exit_when_their_parent_is_killed():
     script = ("import sys, time\n"
@@ -304,6 +316,7 @@ def test_workers_exit_when_their_parent_is_killed():
     assert not any(is_alive(pid) for pid in worker_pids)
 
 
+@pytest.mark.slow  # real worker processes
 def test_module_level_grade_batch_reuses_its_pool():
     try:
         first = grade_batch([wrap("(x+1)^2")], ["x^2+2x+1"], workers=1)
@@ -319,6 +332,7 @@ def test_module_level_grade_batch_reuses_its_pool():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # real worker processes
 def test_math500_answers_grade_right_against_their_solutions(shared_dir):
     rows = [json.loads(line) for line in (shared_dir / "data" / "MATH-500" / "test.jsonl").read_text().splitlines()]
     responses = [wrap(row["answer"]) for row in rows]
@@ -329,6 +343,7 @@ def test_math500_answers_grade_right_against_their_solutions(shared_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # real worker processes
 def test_math500_answers_pass_the_symbolic_check_too(shared_dir):
     # The fast path settles the test above by string equality; this sends the same answers through
     # math-verify/sympy alone (~2 s for the 500 on 2 cores).
@@ -340,6 +355,7 @@ def test_math500_answers_pass_the_symbolic_check_too(shared_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # real worker processes
 def test_fast_path_never_fails_an_answer_that_math_verify_accepts(shared_dir):
     # Fast-path "wrong" verdicts (numbers, tuples, lists compared by value) on real answers, their
     # slips and their rewritings must agree with math-verify/sympy.

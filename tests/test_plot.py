@@ -131,6 +131,7 @@ def test_stacked_categories_are_the_stored_percentages(filled, runs):
 # ---- the command ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("args, labels", [(["--run", "run_a"], ["run_a"]), ([], ["run_a", "run_b"])],
                          ids=["one run", "two runs"])
 def test_bin_plot_writes_five_valid_pngs(filled, tmp_path, args, labels):
@@ -149,6 +150,7 @@ def test_bin_plot_writes_five_valid_pngs(filled, tmp_path, args, labels):
         assert len({tuple(pixel) for pixel in image[::7, ::7].reshape(-1, image.shape[2])}) > 20
 
 
+@pytest.mark.slow  # a real process
 def test_summary_prints_the_progression_table(filled):
     result = plot("--db", str(filled.db_path), "--summary")
     assert result.returncode == 0, result.stderr
@@ -168,6 +170,7 @@ def test_summary_prints_the_progression_table(filled):
         assert lines[-1] == f"({len(progress_of(filled.db_path, run))} rows)"
 
 
+@pytest.mark.slow  # a real process
 def test_summary_into_a_closed_pipe_is_quiet(filled):
     # `bin/plot --summary | head -1` when head has gone before the table is written: no traceback.
     read_end, write_end = os.pipe()
@@ -182,6 +185,7 @@ def test_summary_into_a_closed_pipe_is_quiet(filled):
     assert done.stderr == "" and done.returncode == 1
 
 
+@pytest.mark.slow  # a real process
 def test_unknown_run_names_the_runs_there(filled, tmp_path):
     result = plot("--db", str(filled.db_path), "--run", "run_z", "--out", str(tmp_path))
     assert result.returncode == 2
@@ -190,6 +194,7 @@ def test_unknown_run_names_the_runs_there(filled, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a real process
 def test_missing_and_empty_stores_say_so(tmp_path):
     result = plot("--db", str(tmp_path / "none.duckdb"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "eval daemon (bin/eval) creates it" in result.stderr

@@ -49,6 +49,7 @@ def as_dicts(columns, rows):
 # ---- output --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real process
 def test_a_view_by_name_prints_an_aligned_table(filled):
     result = query("--db", str(filled.db_path), "progress")
     assert result.returncode == 0, result.stderr
@@ -66,6 +67,7 @@ def test_a_view_by_name_prints_an_aligned_table(filled):
         assert line.startswith(f"{key[0]}  ") and f" {key[1]} " in line
 
 
+@pytest.mark.slow  # a real process
 def test_csv_and_json_carry_full_values(filled):
     sql = "SELECT run_id, step, accuracy, avg_token_entropy FROM progress"
     as_csv = list(csv.DictReader(io.StringIO(query("--db", str(filled.db_path), "--format", "csv", sql).stdout)))
@@ -78,6 +80,7 @@ def test_csv_and_json_carry_full_values(filled):
         assert from_json["avg_token_entropy"] == pytest.approx(evaluation["avg_token_entropy"])
 
 
+@pytest.mark.slow  # a real process
 def test_long_responses_stay_on_one_line_in_a_table(filled):
     result = query("--db", str(filled.db_path), "--max-width", "30",
                    "SELECT problem_id, response FROM samples WHERE step = 0 AND run_id = 'run_a'")
@@ -88,6 +91,7 @@ def test_long_responses_stay_on_one_line_in_a_table(filled):
     assert any(line.endswith("...") for line in lines[2:-1])
 
 
+@pytest.mark.slow  # a real process
 def test_list_shows_every_view_with_its_description():
     result = query("--list")
     assert result.returncode == 0
@@ -120,6 +124,7 @@ def query_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
         os.close(write_end)
 
 
+@pytest.mark.slow  # a real process
 def test_a_reader_that_closes_the_pipe_early_stops_the_output_quietly(filled):
     # `bin/query --format csv "SELECT * FROM samples" | head -c 1`: ~1 MB of output, far more than the
     # pipe holds, so the tool is still writing when head exits.
@@ -129,6 +134,7 @@ def test_a_reader_that_closes_the_pipe_early_stops_the_output_quietly(filled):
     assert done.stderr == "" and done.returncode == 1
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("args", [["progress"], ["--format", "json", "by_subject"], ["--list"]],
                          ids=["table", "json", "list"])
 def test_a_pipe_closed_before_the_first_write_is_quiet_too(filled, args):
@@ -142,6 +148,7 @@ def test_a_pipe_closed_before_the_first_write_is_quiet_too(filled, args):
 # ---- refusals and errors -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("sql, kind", [
     ("INSERT INTO meta VALUES ('x', 'y')", "INSERT"),
     ("DELETE FROM samples", "DELETE"),
@@ -166,6 +173,7 @@ def test_write_statements_are_refused_and_change_nothing(filled, sql, kind):
     assert not Path("/tmp/mathsft_copy_test.csv").exists()
 
 
+@pytest.mark.slow  # a real process
 def test_the_read_only_file_refuses_what_slips_past_the_statement_check(filled):
     # EXPLAIN ANALYZE runs the INSERT it explains; the read-only connection stops it.
     result = query("--db", str(filled.db_path), "EXPLAIN ANALYZE INSERT INTO meta VALUES ('x', 'y')")
@@ -174,6 +182,7 @@ def test_the_read_only_file_refuses_what_slips_past_the_statement_check(filled):
                                      "(the eval daemon is the store's only writer)")
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.parametrize("sql, message", [
     ("SELEC * FROM progress", 'query: error: Parser Error: syntax error at or near "SELEC"'),
     ("progres", 'query: error: Catalog Error: Table with name progres does not exist! Did you mean "progress"?'),
@@ -187,6 +196,7 @@ def test_bad_sql_is_one_line_without_traceback(filled, sql, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a real process
 def test_missing_store_names_db_and_the_eval_daemon(tmp_path):
     result = query("--db", str(tmp_path / "none.duckdb"), "progress")
     assert result.returncode == 2
@@ -195,6 +205,7 @@ def test_missing_store_names_db_and_the_eval_daemon(tmp_path):
     assert not (tmp_path / "none.duckdb").exists()
 
 
+@pytest.mark.slow  # a real process
 def test_a_file_that_is_not_a_store_is_one_line(tmp_path):
     (tmp_path / "notes.duckdb").write_text("not a database")
     result = query("--db", str(tmp_path / "notes.duckdb"), "progress")
@@ -204,6 +215,7 @@ def test_a_file_that_is_not_a_store_is_one_line(tmp_path):
         f'but it is not a valid DuckDB database file!']
 
 
+@pytest.mark.slow  # a real process
 def test_bin_query_wrapper_runs_from_another_directory(filled, tmp_path):
     stamp = Path(os.environ.get("MATHSFT_VENV", REPO_ROOT / ".venv")) / ".mathsft-stamp"
     if not stamp.exists():
@@ -310,6 +322,7 @@ def test_every_sql_in_the_docs_runs_and_gives_the_right_answer(filled):
             CHECKS[name](filled, as_dicts(columns, rows))
 
 
+@pytest.mark.slow  # a real process
 def test_every_bin_query_command_in_the_docs_runs(filled):
     commands = [line.split("#")[0].strip() for line in re.findall(r"^bin/query .*$", DOC.read_text(), re.M)]
     runnable = [shlex.split(c)[1:] for c in commands if ">" not in c and "[" not in c]
@@ -340,6 +353,7 @@ HALF_WRITTEN = """SELECT count(*) AS evaluations,
 FROM evaluations e WHERE status = 'ok'"""
 
 
+@pytest.mark.slow  # a real process
 def test_reader_loop_never_fails_while_another_process_commits(tmp_path):
     db = tmp_path / "results.duckdb"
     fill_synthetic_store(db, runs={"seed": (0,)}, failed={})

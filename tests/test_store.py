@@ -266,6 +266,7 @@ def hold_open(db: Path, read_only: bool, seconds: float) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # a real process
 def test_writer_waits_while_a_reader_holds_the_file(tmp_path):
     db = tmp_path / "results.duckdb"
     writer.record_evaluation(db, *one_evaluation(step=0))
@@ -277,6 +278,7 @@ def test_writer_waits_while_a_reader_holds_the_file(tmp_path):
     assert {r["step"] for r in rows(db, "SELECT step FROM evaluations")} == {0, 50}
 
 
+@pytest.mark.slow  # a real process
 def test_reader_waits_while_the_writer_holds_the_file(tmp_path):
     db = tmp_path / "results.duckdb"
     writer.record_evaluation(db, *one_evaluation(step=0))
@@ -285,6 +287,7 @@ def test_reader_waits_while_the_writer_holds_the_file(tmp_path):
     holder.wait(timeout=10)
 
 
+@pytest.mark.slow  # a real process
 def test_a_file_held_too_long_gives_one_line_naming_the_holder(tmp_path):
     db = tmp_path / "results.duckdb"
     writer.record_evaluation(db, *one_evaluation(step=0))
@@ -298,6 +301,7 @@ def test_a_file_held_too_long_gives_one_line_naming_the_holder(tmp_path):
     assert writer.recorded_keys(db) == {("run_x", 0, EVAL_KEY)}
 
 
+@pytest.mark.slow  # a real process
 def test_writer_killed_mid_transaction_leaves_nothing(tmp_path):
     db = tmp_path / "results.duckdb"
     writer.record_evaluation(db, *one_evaluation(step=0))

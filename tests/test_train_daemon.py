@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM
 from common.contract import read_manifest, read_sidecar
 from train_daemon.publisher import TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV
 
+pytestmark = pytest.mark.slow  # real processes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVAL_EVERY = 12, 4
 
