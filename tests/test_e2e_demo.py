@@ -80,6 +80,7 @@ def test_a_demo_that_does_not_learn_exits_1_saying_so(tmp_path):
 # ---- the demo's pure parts -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # builds a real model and dataset (seconds)
 def test_inputs_are_built_once_and_rebuilt_when_settings_change(tmp_path):
     config = load_config(DEMO_CONFIG, demo_paths(tmp_path))
     (tmp_path / ".tmp-model").mkdir()  # left over from an interrupted build

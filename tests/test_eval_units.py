@@ -116,6 +116,7 @@ def test_watcher_wakes_on_manifest_replace_not_on_step_dirs(tmp_path, polling):
 # ---- entropy -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # thousands of random positions (seconds)
 def test_flat_logprobs_entropies_equal_the_per_position_dicts():
     """The vectorised path over vLLM's FlatLogprobs gives what one dict per position gives: the
     scored token counted once whether or not it is in the top k, -inf logprobs, full-mass rows."""
@@ -304,6 +305,7 @@ def test_fingerprint_decides_between_reload_and_restart(tmp_path, tiny_model_dir
     assert model_fingerprint("Qwen/Qwen2.5-Math-1.5B") is None  # hub ids: always a fresh engine
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_hf_engine_stop_string_max_tokens_and_order(tiny_model_dir):
     engine = HfEngine("cpu", "float32", batch_size=2, max_model_len=512, seed=0, tokenizer_fallback="")
     engine.load(str(tiny_model_dir))
@@ -332,6 +334,7 @@ def test_hf_engine_stop_string_max_tokens_and_order(tiny_model_dir):
     engine.close()
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_hf_engine_loads_later_checkpoints_into_the_live_model(tiny_model_dir, tmp_path):
     """Same architecture and tokenizer: weights are copied in place (the model object, and what was compiled
     for it, stays); the responses equal a freshly loaded engine's. Another architecture: a full load."""
@@ -374,6 +377,7 @@ def test_hf_engine_loads_later_checkpoints_into_the_live_model(tiny_model_dir, t
     engine.close()
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypatch, caplog):
     import torch
 
@@ -397,6 +401,7 @@ def test_hf_engine_halves_the_batch_when_out_of_memory(tiny_model_dir, monkeypat
     engine.close()
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_hf_engine_entropy_is_the_same_in_any_batching(tiny_model_dir, monkeypatch):
     """Token entropy per response does not depend on how responses are batched (padding, order)."""
     import eval_daemon.engines.hf as hf_engine

@@ -26,6 +26,7 @@ def _stop_from_middle(text: str) -> str | None:
                 None)
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 @pytest.mark.parametrize("device,check_every,window", [("cpu", 3, 256), ("cpu", 32, 8), pytest.param("cuda", 3, 8, marks=NEEDS_CUDA),
                                                        pytest.param("cuda", 32, 256, marks=NEEDS_CUDA)])
 def test_batch_loop_gives_generates_greedy_responses(tiny_model_dir, monkeypatch, device, check_every, window):
@@ -55,6 +56,7 @@ def test_batch_loop_gives_generates_greedy_responses(tiny_model_dir, monkeypatch
     loop.close()
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_batch_loop_stops_at_eos_and_pads_after_it(tiny_model_dir):
     """A row that samples EOS is finished: its response ends with the EOS token, later steps give padding."""
     loop = _engine(tiny_model_dir, "batch_loop")
@@ -72,6 +74,7 @@ def test_batch_loop_stops_at_eos_and_pads_after_it(tiny_model_dir):
     loop.close()
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_batch_loop_sampling_is_seeded_and_reuses_its_buffers(tiny_model_dir):
     loop = _engine(tiny_model_dir, "batch_loop", batch_size=8)
     sampled = Sampling(temperature=1.0, top_p=1.0, max_tokens=12, stop=(), seed=7)
@@ -101,6 +104,7 @@ def test_sampling_draws_from_the_softmax_and_respects_top_p():
     assert hf_decode._sample(logits[:3], 0.0, 1.0).tolist() == [0, 0, 0]
 
 
+@pytest.mark.slow  # a real model decodes (seconds)
 def test_unsupported_models_fall_back_to_generate(tiny_model_dir, monkeypatch, caplog):
     monkeypatch.setattr(hf_decode, "SUPPORTED_MODEL_TYPES", ("llama",))
     with caplog.at_level("WARNING"):

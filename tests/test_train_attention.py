@@ -44,6 +44,7 @@ def _loss_and_grads(model, micro_batches):
     return loss.item(), grads
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_varlen_packed_step_equals_the_plain_padded_step(tiny_model_dir, tokenizer, examples):
     config = load_config(None, [f"model.name_or_path={tiny_model_dir}", "training.device=cpu"])
     assert config.model.attn_implementation == "varlen"  # the default
@@ -63,6 +64,7 @@ def test_varlen_packed_step_equals_the_plain_padded_step(tiny_model_dir, tokeniz
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_varlen_attention_keeps_packed_examples_apart(tiny_model_dir, tokenizer, examples):
     # Control for the test above: the cu_seq_lens boundaries are what keeps examples apart.
     config = load_config(None, [f"model.name_or_path={tiny_model_dir}", "training.device=cpu"])

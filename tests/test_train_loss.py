@@ -98,6 +98,7 @@ def _per_example_losses(model, batch, spans):
     return losses
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_packed_loss_equals_padded_loss_per_example(model, tokenizer, examples):
     lengths = [len(e.input_ids) for e in examples]
     padded = padded_micro_batch(examples, tokenizer.eos_token_id)

@@ -52,6 +52,7 @@ def examples(tiny_model_dir):
     return tokenize_pairs(pairs, tokenizer, 128)
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_resumed_training_continues_exactly(tmp_path, tiny_model_dir, examples):
     original = Trainer(tiny_model_dir, examples)
     original.steps(3)
@@ -70,6 +71,7 @@ def test_resumed_training_continues_exactly(tmp_path, tiny_model_dir, examples):
     assert resumed.scheduler.get_last_lr() == original.scheduler.get_last_lr()
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_background_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path, tiny_model_dir, examples):
     trainer = Trainer(tiny_model_dir, examples)
     trainer.steps(2)
@@ -86,6 +88,7 @@ def test_background_save_holds_the_state_of_its_step_while_training_goes_on(tmp_
     torch.testing.assert_close(fresh.optimizer.state_dict()["state"][0]["exp_avg"], moments)
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_a_failed_save_keeps_the_previous_state(tmp_path, tiny_model_dir, examples, monkeypatch):
     trainer = Trainer(tiny_model_dir, examples)
     trainer.steps(1)

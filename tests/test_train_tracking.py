@@ -41,6 +41,7 @@ def test_mode_is_offline_without_a_key_and_online_with_one(no_wandb_credentials,
     assert wandb_mode(True) == "disabled"
 
 
+@pytest.mark.slow  # starts a real (offline) W&B run
 def test_offline_wandb_run_starts_without_a_key_in_the_shared_group(no_wandb_credentials, tmp_path, caplog):
     config = load_config(None, [f"paths.results_dir={tmp_path / 'results'}", "logging.wandb_group=run-42"])
     tracker = start_tracking(config, "math-sft-dual-gpu-test", "train", None)
