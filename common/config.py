@@ -202,7 +202,7 @@ def _read_yaml(path: Path) -> tuple[dict, Sources]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]}); fix the syntax") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (model:, training:, ...)")
+        raise ConfigError(f"{path} must hold a mapping of sections; start with model:, training:, ...")
     sources = Sources(str(path))
     _record_lines(root, "", path, sources)
     return raw, sources
@@ -219,14 +219,14 @@ def _record_lines(node: yaml.Node, prefix: str, path: Path, sources: Sources) ->
 def _apply_override(raw: dict, item: str) -> str:
     """Set one `section.key=value` in raw; returns the dotted key."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"override {item!r} has no '='; write section.key=value")
     dotted, value_text = item.split("=", 1)
     keys = dotted.strip().split(".")
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {key} is not a section")
+            raise ConfigError(f"override {item!r}: {key} is not a section; name a key inside a section")
     try:  # YAML parsing gives overrides the same typing as the file (1e-5 -> float, true -> bool).
         node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as exc:
@@ -236,7 +236,8 @@ def _apply_override(raw: dict, item: str) -> str:
 
 def _build(cls: type, raw: Any, prefix: str, sources: Sources):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{sources.of(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'} must be a mapping")
+        raise ConfigError(f"{sources.of(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'} must be a mapping; "
+                          "write key: value lines under it")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -291,7 +292,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list of {item_type.__name__}, got {value!r}; "
+                              f"write [a, b] in YAML")
         return [_coerce(v, item_type, key, source) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -302,7 +304,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(
-            f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+            f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}; write a {hint.__name__}"
         )
     return value
 
@@ -314,7 +316,8 @@ def validate(config: Config, where: Sources | None = None) -> None:
     """Check every option and combination; each message names the key, where it was set, and the fix."""
     def _require(condition: bool, key: str, problem: str) -> None:
         if not condition:
-            raise ConfigError(f"{(where or Sources()).of(key)}: {key} {problem}")
+            fix = "" if "; " in problem else f"; set {key} to a value that does"  # every message ends in a fix
+            raise ConfigError(f"{(where or Sources()).of(key)}: {key} {problem}{fix}")
 
     t, e, m, d, lg = config.training, config.evaluation, config.model, config.data, config.logging
     _require(config.paths.results_dir.strip() != "", "paths.results_dir", "is empty; set a directory (default results)")

@@ -93,7 +93,7 @@ def config_error(path, overrides=()) -> str:
     with pytest.raises(ConfigError) as info:
         load_config(path, list(overrides))
     message = str(info.value)
-    assert "\n" not in message
+    assert "\n" not in message and "; " in message  # one line: what, then the fix
     return message
 
 
