@@ -18,6 +18,8 @@ from store_fixtures import summarise, synthetic_samples
 
 from common.store import plots, writer
 
+pytestmark = pytest.mark.slow  # renders every chart at 1, 3 and 12 series (seconds each)
+
 SERIES_CASES = {"1 series": (1, 1), "3 series": (3, 1), "12 series": (6, 2)}  # (runs, eval keys per run)
 LONG_RUN_ID = "sft-qwen2.5-math-1.5b-lr2e-5-{index}"  # realistic run ids make long labels
 
