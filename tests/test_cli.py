@@ -14,7 +14,7 @@ import yaml
 from common.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
-ERROR_LINE = re.compile(r"(train|eval|query|plot|demo): error: [^\n]+; [^\n]+")
+ERROR_LINE = re.compile(r"(train|eval|query|plot|report|demo): error: [^\n]+; [^\n]+")
 
 
 def run(module: str, *args: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -72,6 +72,7 @@ def test_print_config_prints_the_resolved_config_that_loads_back(module, tmp_pat
     ("common.store.query", ["--max-width", "2", "progress"]),
     ("common.store.query", ["--bogus"]),
     ("common.store.plots", ["--bogus"]),
+    ("common.store.report", ["--bogus"]),
 ])
 def test_usage_and_start_up_errors_are_one_line_and_exit_2(module, args):
     done = run(module, *args)

@@ -28,6 +28,8 @@ from common.store.query import run_query
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+pytestmark = pytest.mark.slow  # bin/report as a real process (and a real browser)
+
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
@@ -97,7 +99,7 @@ def test_errors_are_one_line(filled, tmp_path):
     missing = report("--db", str(tmp_path / "none.duckdb"), "--out", str(tmp_path / "r.html"))
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     unknown = report("--db", str(filled.db_path), "--run", "run_z", "--out", str(tmp_path / "r.html"))
-    assert unknown.returncode == 2 and unknown.stderr.startswith("bin/report: error: no successful evaluation of run run_z")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("report: error: no successful evaluation of run run_z")
     assert not (tmp_path / "r.html").exists()
 
 

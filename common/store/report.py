@@ -30,6 +30,7 @@ from typing import Sequence
 import duckdb
 import matplotlib.pyplot as plt
 
+from common.cli import ToolParser, fail
 from common.durable import atomic_write_text
 from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES, extract_answer
 from common.store import plots
@@ -173,7 +174,7 @@ def render(db: Path, contents: StoreContents, series: Sequence[plots.Series], ma
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bin/report", description=__doc__.splitlines()[0])
+    parser = ToolParser("report", description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
     parser.add_argument("--run", action="append", default=[], metavar="RUN_ID",
                         help="only this run (repeat for several; default: every run)")
@@ -194,16 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         series = plots.load_series(args.db, args.run)
         if not series:
-            print(f"bin/report: error: no successful evaluation in {args.db} yet; the report appears after the "
-                  f"eval daemon's first evaluation", file=sys.stderr)
-            return 1
+            return fail("report", f"no successful evaluation in {args.db} yet; the report appears after the "
+                                  "eval daemon's first evaluation", 1)
         contents = read_store(args.db, args.run, args.max_problems)
     except StoreBusyError as exc:
-        print(f"bin/report: error: {exc}", file=sys.stderr)
-        return 1
+        return fail("report", exc, 1)
     except (StoreError, plots.PlotError, ReportError) as exc:
-        print(f"bin/report: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("report", exc)
     page = render(args.db, contents, series, args.max_problems, args.max_response_chars)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
