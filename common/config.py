@@ -119,7 +119,12 @@ class EvaluationConfig:
     top_p: float = 1.0
     max_tokens: int = 1024
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    schedule: str = "in_order"  # in_order | latest
+    # keep_up | latest | in_order (eval_daemon/schedule.py). keep_up: while checkpoints arrive faster
+    # than full evaluations finish, each waiting one first gets a quick evaluation on a fixed, seeded
+    # subset of keep_up_subset problems stratified by subject and level (its own eval key); the full
+    # evaluations are back-filled when the fleet is idle. Keeping up, it is `latest`.
+    schedule: str = "keep_up"
+    keep_up_subset: int = 1000
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 2048
     entropy_sample_size: int = 256  # responses whose mean token entropy is scored (0: none)
@@ -127,7 +132,13 @@ class EvaluationConfig:
     reconcile_interval_s: float = 30.0
     grading_timeout_s: float = 5.0
     grading_workers: int = 2
-    worker_id: str = ""  # empty: hostname-pid
+    worker_id: str = ""  # empty: hostname-pid; `bin/eval --workers N` names its workers <id>-0 .. <id>-N-1
+    # bin/eval --workers N: worker i runs on devices[i % len(devices)] (several workers per GPU are
+    # allowed: list a GPU twice, or give fewer devices than workers); empty: every worker on `device`.
+    devices: list[str] = field(default_factory=list)
+    # A worker's claim on a checkpoint (results/leases/) lasts this long without a heartbeat (one
+    # every lease_s/3): after a worker dies, another takes its checkpoint over within about lease_s.
+    lease_s: float = 60.0
     hf_batch_size: int = 512  # prompts decoded together with engine: hf (halved on out-of-memory)
     # engine hf: batch_loop = mathsft's decoding loop (preallocated KV cache, CUDA graphs on a GPU;
     # Qwen2 / Llama models, others use generate) | generate = transformers' model.generate
@@ -351,7 +362,8 @@ def validate(config: Config, where: Sources | None = None) -> None:
     _require(e.temperature >= 0, "evaluation.temperature", "must be >= 0 (0 is greedy)")
     _require(0 < e.top_p <= 1, "evaluation.top_p", "must be in (0, 1]")
     _require(e.max_tokens >= 1, "evaluation.max_tokens", "must be >= 1")
-    _require(e.schedule in ("in_order", "latest"), "evaluation.schedule", "must be in_order or latest")
+    _require(e.schedule in ("keep_up", "latest", "in_order"), "evaluation.schedule", "must be keep_up, latest or in_order")
+    _require(e.keep_up_subset >= 1, "evaluation.keep_up_subset", "must be >= 1")
     _require(0 < e.gpu_memory_utilization <= 1, "evaluation.gpu_memory_utilization", "must be in (0, 1]")
     _require(e.entropy_sample_size >= 0, "evaluation.entropy_sample_size", "must be >= 0")
     _require(e.grading_timeout_s > 0, "evaluation.grading_timeout_s", "must be > 0")
@@ -363,6 +375,9 @@ def validate(config: Config, where: Sources | None = None) -> None:
              "evaluation.max_tokens", f"({e.max_tokens}) must be < evaluation.max_model_len ({e.max_model_len}); raise max_model_len")
     _require(e.worker_id == "" or _safe_name(e.worker_id),
              "evaluation.worker_id", "may hold only letters, digits, '-', '_' and '.'")
+    _require(all(_valid_device(d) for d in e.devices), "evaluation.devices",
+             f"must list cpu, cuda or cuda:N entries, got {e.devices!r}")
+    _require(e.lease_s > 0, "evaluation.lease_s", "must be > 0")
     _require(e.reconcile_interval_s > 0, "evaluation.reconcile_interval_s", "must be > 0")
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1")
 

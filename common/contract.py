@@ -10,11 +10,15 @@ checkpoints are:
     checkpoints/<run_id>/evaluated/step_000050.<eval_key>.done
                                                   written by the eval daemon when it has finished with a step;
                                                   retention deletes only steps that have at least one marker
+    leases/<run_id>/step_000050.<eval_key>.g000001.lease
+                                                  an eval worker is evaluating this step for this eval key
+                                                  (between eval workers only; the trainer never reads it)
     runs/<run_id>/                                private to the trainer (logs, resume state, config)
     eval_logs/, analysis/, results.duckdb         private to the eval daemon (and the tools that read them)
 
-The three documents of the contract are typed here and written and read only through this module:
-`Manifest` (manifest.json), `Sidecar` (checkpoint.json) and `Marker` (evaluated/*.done).
+The documents of the contract are typed here and written and read only through this module:
+`Manifest` (manifest.json), `Sidecar` (checkpoint.json), `Marker` (evaluated/*.done) and, between
+the eval workers of a fleet, `Lease` (leases/*.lease).
 
 Rules:
 - Publish = write into a temporary directory beside the final one (same filesystem), fsync every
@@ -30,13 +34,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.durable import TEMP_PREFIX, atomic_write_json, fsync_dir, fsync_tree
+from common.durable import TEMP_PREFIX, atomic_write_json, create_exclusive, fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ SIDECAR_NAME = "checkpoint.json"
 MARKER_DIR = "evaluated"
 MANIFEST_SCHEMA_VERSION = 1
 STORE_NAME = "results.duckdb"
+LEASE_DIR = "leases"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class Layout:
     def store(self) -> Path:
         return self.root / STORE_NAME
 
+    @property
+    def leases(self) -> Path:
+        """Private to the eval workers: who is evaluating what (see Lease)."""
+        return self.root / LEASE_DIR
 
 
 class ManifestError(ValueError):
@@ -308,6 +318,141 @@ def apply_retention(run_dir: Path, keep_last: int) -> list[int]:
         if path.exists():
             _remove_dir(path)
     return sorted(doomed_steps)
+
+
+# ---- eval leases (between the eval workers of a fleet) ----------------------------------------------
+
+
+@dataclass
+class Lease:
+    """leases/<run_id>/step_N.<eval_key>.g<generation>.lease: eval worker `worker_id` is evaluating
+    this checkpoint for this eval key and renews the lease (heartbeat) until it is done; once
+    `expires_at` (unix seconds) has passed, any other worker may take over.
+
+    Takeover is atomic through generations: generation g+1 is a new file, created exclusively, so of
+    several workers taking over one expired lease exactly one wins, and a late renewal by the old
+    holder rewrites only its own generation's file, never the taker's. Expiry compares wall clocks:
+    workers on several hosts need synchronised clocks (NTP) and a lease_s well above their skew.
+    The lease only spares duplicate work: the store's transaction is what keeps a record unique."""
+
+    run_id: str
+    step: int
+    eval_key: str
+    worker_id: str
+    generation: int = 1
+    lease_s: float = 60.0
+    claimed_at: str = ""
+    expires_at: float = 0.0
+    released: bool = False
+
+    def live(self, now: float) -> bool:
+        return not self.released and now < self.expires_at
+
+
+_LEASE_NAME = re.compile(r"^step_(\d+)\.(.+)\.g(\d+)\.lease$")
+
+
+def lease_path(leases_root: Path, run_id: str, step: int, eval_key: str, generation: int) -> Path:
+    return Path(leases_root) / run_id / f"{step_dir_name(step)}.{eval_key}.g{generation:06d}.lease"
+
+
+def _lease_files(leases_root: Path, run_id: str) -> dict[tuple[int, str], list[tuple[int, Path]]]:
+    """(step, eval_key) -> [(generation, path)] ascending, for one run's lease directory."""
+    folder = Path(leases_root) / run_id
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return {}
+    found: dict[tuple[int, str], list[tuple[int, Path]]] = {}
+    for name in names:
+        match = _LEASE_NAME.match(name)
+        if match:  # anything else (a temporary being written) is not a lease
+            found.setdefault((int(match[1]), match[2]), []).append((int(match[3]), folder / name))
+    return {key: sorted(files) for key, files in found.items()}
+
+
+def _read_lease(path: Path, generation: int) -> Lease | None:
+    """The lease in `path`; an unreadable file counts as an expired lease of that generation (it
+    can then be taken over), a vanished one (removed after its record was committed) as None."""
+    try:
+        data = json.loads(path.read_text())
+        return Lease(**{**data, "generation": generation})
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        logger.warning("unreadable lease %s (%s); treated as expired", path, exc)
+        return Lease(run_id="", step=-1, eval_key="", worker_id="", generation=generation)
+
+
+def current_lease(leases_root: Path, run_id: str, step: int, eval_key: str) -> Lease | None:
+    """The newest generation's lease of this checkpoint and eval key, or None."""
+    files = _lease_files(leases_root, run_id).get((step, eval_key), [])
+    for generation, path in reversed(files):
+        lease = _read_lease(path, generation)
+        if lease is not None:
+            return lease
+    return None
+
+
+def live_leases(leases_root: Path, now: float | None = None) -> dict[tuple[str, int, str], Lease]:
+    """(run_id, step, eval_key) -> the live lease, over every run: what the fleet is evaluating now."""
+    now = time.time() if now is None else now
+    root = Path(leases_root)
+    held = {}
+    runs = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    for run_id in runs:
+        for (step, key), files in _lease_files(root, run_id).items():
+            lease = _read_lease(files[-1][1], files[-1][0])
+            if lease is not None and lease.live(now):
+                held[(run_id, step, key)] = lease
+    return held
+
+
+def claim_lease(leases_root: Path, run_id: str, step: int, eval_key: str, worker_id: str, lease_s: float,
+                now: float | None = None) -> Lease | None:
+    """Claim the checkpoint for this worker: the new lease, or None when another worker holds a live
+    lease or won the race for this generation."""
+    now = time.time() if now is None else now
+    current = current_lease(leases_root, run_id, step, eval_key)
+    if current is not None and current.live(now):
+        return None
+    lease = Lease(run_id=run_id, step=step, eval_key=eval_key, worker_id=worker_id,
+                  generation=current.generation + 1 if current else 1, lease_s=lease_s, claimed_at=now_iso(),
+                  expires_at=now + lease_s)
+    path = lease_path(leases_root, run_id, step, eval_key, lease.generation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = create_exclusive(path, lambda handle: handle.write(json.dumps(asdict(lease), indent=2, sort_keys=True)))
+    return lease if created else None
+
+
+def _holds(leases_root: Path, lease: Lease) -> bool:
+    files = _lease_files(leases_root, lease.run_id).get((lease.step, lease.eval_key), [])
+    return bool(files) and files[-1][0] == lease.generation
+
+
+def renew_lease(leases_root: Path, lease: Lease, now: float | None = None) -> bool:
+    """Extend the holder's lease by lease_s; False when it is no longer the newest generation
+    (taken over after it expired, or removed because the checkpoint is recorded)."""
+    if not _holds(leases_root, lease):
+        return False
+    lease.expires_at = (time.time() if now is None else now) + lease.lease_s
+    atomic_write_json(lease_path(leases_root, lease.run_id, lease.step, lease.eval_key, lease.generation), asdict(lease))
+    return True
+
+
+def release_lease(leases_root: Path, lease: Lease) -> None:
+    """Give a lease up before it expires (an abandoned evaluation), so another worker claims it at once."""
+    if _holds(leases_root, lease):
+        lease.released = True
+        atomic_write_json(lease_path(leases_root, lease.run_id, lease.step, lease.eval_key, lease.generation),
+                          asdict(lease))
+
+
+def remove_leases(leases_root: Path, run_id: str, step: int, eval_key: str) -> None:
+    """Delete every generation once the checkpoint is recorded (the store is then the truth). Oldest
+    first, so that a worker listing meanwhile still sees the newest generation, live."""
+    for _generation, path in _lease_files(leases_root, run_id).get((step, eval_key), []):
+        path.unlink(missing_ok=True)
 
 
 # ---- the checkpoint sidecar ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -58,6 +59,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], binary: bo
         tmp.unlink(missing_ok=True)  # a failed write (disk full, killed) must not leave a temporary behind
         raise
     fsync_dir(path.parent)
+
+
+def create_exclusive(path: str | os.PathLike, write: Callable[[IO], Any]) -> bool:
+    """Create `path` with the content `write(handle)` writes, only if no file of that name exists:
+    True when this call created it, False when it already existed. Of several processes racing for
+    one name (on one host or over NFS) exactly one wins. The content is written and fsynced under a
+    temporary name first and then hard-linked to `path` (link(2) fails when the name exists, like an
+    O_EXCL create), so nobody ever reads a created-but-empty file."""
+    path = Path(path)
+    # Unique per call, not per pid: racers on other hosts of a shared filesystem may share a pid.
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -3,6 +3,7 @@
     bin/eval --config config/sft_config.yaml [key=value ...]        # watch results/checkpoints/ (GPU 1)
     bin/eval --config config/sft_config.yaml --once                 # evaluate what is pending, then exit
     bin/eval --config config/sft_config.yaml --checkpoint PATH_OR_HUB_ID   # one model, then exit
+    bin/eval --config config/sft_config.yaml --workers N           # N workers on one queue (eval_daemon/fleet.py)
 
 Reads top to bottom: parse config -> validate (engine installed, device present) -> load (eval set,
 grader pool, engine; the first checkpoint starts the model) -> watch: start the observer FIRST, then
@@ -20,6 +21,7 @@ of the evaluation is written, so tests can kill the daemon mid-evaluation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -32,17 +34,19 @@ from pathlib import Path
 
 from common import cli
 from common.config import Config, ConfigError, EvaluationConfig, load_config, to_dict
-from common.contract import (Checkpoint, Layout, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument, now_iso,
-                             read_sidecar, scan_published)
+from common.contract import (Checkpoint, Layout, Lease, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument,
+                             live_leases, now_iso, read_sidecar, scan_published)
 from common.data import DatasetError
 from common.grading import Grader, GraderError
 from common.store.schema import StoreError
 from common.store.writer import eval_key, is_recorded, recorded_keys
 from eval_daemon.engines.base import CheckpointLoadError, GenerationEngine, Sampling, is_local
 from eval_daemon.engines.factory import make_engine
-from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation
+from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation, stratified_subset
+from eval_daemon.fleet import run_fleet
+from eval_daemon.lease import Heartbeat, claim_first, finish_lease
 from eval_daemon.records import Trackers, commit_and_mark, file_timestamp, wandb_metrics, write_eval_files
-from eval_daemon.schedule import pending
+from eval_daemon.schedule import Work, plan
 from eval_daemon.shutdown import Shutdown, StopSignal
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
 
@@ -65,6 +69,9 @@ class Context:
     stop: StopSignal
     trackers: Trackers
     deferred: set = field(default_factory=set)  # (run_id, step) whose recording failed: retried on restart
+    # evaluation.schedule=keep_up's quick evaluations: the stratified subset and its eval key (None, "": none)
+    subset_set: EvalSet | None = None
+    subset_key: str = ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- config and validation: nothing heavy is loaded before these pass ----
     try:
         config = load_config(args.config, args.overrides)
+        if args.workers:
+            return run_fleet(args, config)  # N worker processes, each validating its own device
         device = resolve_device(config.evaluation)
     except ConfigError as exc:
         return cli.fail("eval", exc)
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
                   worker_id=worker_id, engine=make_engine(config, device), grader=grader, stop=stop,
                   trackers=Trackers(config, worker_id, layout.eval_logs / "eval_metrics.jsonl"))
+    add_keep_up_subset(ctx)
     logger.info("eval worker %s: engine %s on %s, eval key %s, store %s", worker_id, e.engine, device,
                 ctx.eval_key, layout.store)
 
@@ -125,6 +135,7 @@ EXAMPLES = """examples:
   bin/eval --config config/sft_config.yaml --once             # evaluate what is pending, then exit
   bin/eval --config config/base_math500_greedy.yaml --checkpoint Qwen/Qwen2.5-Math-1.5B
   bin/eval --config config/sft_config.yaml evaluation.schedule=latest evaluation.num_eval_samples=500
+  bin/eval --config config/sft_config.yaml --workers 2 'evaluation.devices=[cuda:1,cuda:2]'   # a fleet
   bin/eval --config config/sft_config.yaml --print-config     # the resolved config, then exit
 
 Results: bin/query progress, bin/plot. """ + cli.CONFIG_HELP
@@ -136,7 +147,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="evaluate the pending checkpoints, then exit")
     mode.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID", help="evaluate one model directory or hub id, then exit")
-    return parser.parse_intermixed_args(argv)  # overrides may come before or after --once
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="start N worker processes on one queue (devices from evaluation.devices)")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --once
+    if args.workers < 0 or (args.workers and args.checkpoint):
+        parser.error("--workers takes N >= 1 and does not go with --checkpoint")
+    return args
 
 
 def resolve_device(e: EvaluationConfig) -> str:
@@ -193,8 +209,10 @@ def warn_about_cost(e: EvaluationConfig, device: str) -> None:
 
 
 def serve(ctx: Context, once: bool) -> None:
-    """Evaluate pending checkpoints one at a time; when none is pending, wait for a manifest event
-    or the reconcile timeout (or exit, with --once)."""
+    """Evaluate pending checkpoints one at a time, each under a lease (other workers of the fleet
+    take the others); when none is pending, wait for a manifest event or the reconcile timeout (or
+    exit, with --once). Pending work that other workers hold is waited for: if one of them dies,
+    its lease expires and this worker takes the checkpoint over."""
     e = ctx.config.evaluation
     wakeups: queue.Queue = queue.Queue()
     # The observer starts before the first scan: a checkpoint published in between is seen by one or the other.
@@ -203,33 +221,88 @@ def serve(ctx: Context, once: bool) -> None:
     idle_logged = False
     try:
         while not ctx.stop.requested:
-            todo = pending_work(ctx, warn)
-            if todo:
+            todo, held = pending_work(ctx, warn)
+            claimed = claim_first(ctx.layout.leases, ((w, w.checkpoint.run_id, w.checkpoint.step, w.eval_key)
+                                                      for w in todo), ctx.worker_id, e.lease_s)
+            if claimed:
                 idle_logged = False
-                evaluate_guarded(ctx, todo[0])
+                work, lease = claimed
+                evaluate_leased(*for_work(ctx, work), lease)
                 continue
-            if once:
+            others = bool(todo or held)  # pending work that other workers hold: wait, they may die
+            if once and not others:
                 logger.info("nothing pending; exiting (--once)")
                 return
             if not idle_logged:
-                logger.info("all published checkpoints are evaluated; watching %s", ctx.layout.checkpoints)
+                logger.info("%s; watching %s", f"{held} evaluation(s) in progress on other workers" if others
+                            else "all published checkpoints are evaluated", ctx.layout.checkpoints)
                 idle_logged = True
-            wait_for_change(wakeups, e.reconcile_interval_s, lambda: ctx.stop.requested)
+            # Held by others: look again before their leases could have expired.
+            timeout = min(e.reconcile_interval_s, e.lease_s / 2) if others else e.reconcile_interval_s
+            wait_for_change(wakeups, timeout, lambda: ctx.stop.requested)
     finally:
         if observer is not None:
             stop_observer(observer)
 
 
-def pending_work(ctx: Context, warn: WarnOnce) -> list[Checkpoint]:
+def evaluate_leased(ctx: Context, checkpoint: Checkpoint, lease: Lease) -> None:
+    """Evaluate a checkpoint this worker has claimed, renewing the lease meanwhile; then remove the
+    lease if the checkpoint is recorded, release it otherwise (abandoned, or the record deferred)."""
+    recorded = False
+    try:
+        with Heartbeat(ctx.layout.leases, lease):
+            recorded = _recorded_meanwhile(ctx, checkpoint)
+            if not recorded:
+                evaluate_guarded(ctx, checkpoint)
+                recorded = (checkpoint.run_id, checkpoint.step) not in ctx.deferred
+    finally:
+        finish_lease(ctx.layout.leases, lease, recorded)
+
+
+def pending_work(ctx: Context, warn: WarnOnce) -> tuple[list[Work], int]:
+    """The work to do next (eval_daemon/schedule.py), and how many unrecorded evaluations other
+    workers hold a live lease on."""
     e = ctx.config.evaluation
     published = scan_published(ctx.layout.checkpoints, warn)
     try:
         recorded = recorded_keys(ctx.layout.store)
     except StoreError as exc:  # the store is busy or unreadable now; the next scan tries again
         logger.warning("cannot read the store (%s); retrying in %.0f s", exc, e.reconcile_interval_s)
-        return []
-    recorded |= {(run_id, step, ctx.eval_key) for run_id, step in ctx.deferred}
-    return pending(published, recorded, ctx.eval_key, e.schedule)
+        return [], 0
+    recorded |= {(run_id, step, key) for run_id, step in ctx.deferred for key in (ctx.eval_key, ctx.subset_key)}
+    held = set(live_leases(ctx.layout.leases)) - recorded
+    return plan(published, recorded, held, ctx.eval_key, ctx.subset_key or None, e.schedule), len(held)
+
+
+def add_keep_up_subset(ctx: Context) -> None:
+    """evaluation.schedule=keep_up: the stratified subset for quick evaluations, and its eval key."""
+    e = ctx.config.evaluation
+    subset = stratified_subset(ctx.eval_set, e.keep_up_subset, e.seed, e.entropy_sample_size) \
+        if e.schedule == "keep_up" else None
+    if subset is not None:
+        ctx.subset_set = subset
+        ctx.subset_key = eval_key(subset.name, ctx.sampling.as_dict(), e.num_eval_samples, e.seed)
+        logger.info("schedule keep_up: quick evaluations on %d of %d problems (eval key %s) while behind",
+                    len(subset.examples), len(ctx.eval_set.examples), ctx.subset_key)
+
+
+def for_work(ctx: Context, work: Work) -> tuple[Context, Checkpoint]:
+    """The context and checkpoint one piece of work runs with: the full eval set, or keep_up's
+    subset and its key. A subset evaluation writes no retention marker (no run_dir): the trainer
+    must keep the checkpoint until its full evaluation."""
+    if not work.subset:
+        return ctx, work.checkpoint
+    return (dataclasses.replace(ctx, eval_set=ctx.subset_set, eval_key=ctx.subset_key),
+            dataclasses.replace(work.checkpoint, run_dir=None))
+
+
+def _recorded_meanwhile(ctx: Context, checkpoint: Checkpoint) -> bool:
+    """Whether another worker recorded the checkpoint between this worker's scan and its claim."""
+    try:
+        return is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key)
+    except StoreError as exc:  # busy or unreadable now: evaluate; the commit refuses a second row anyway
+        logger.warning("cannot read the store (%s); evaluating run %s step %d", exc, checkpoint.run_id, checkpoint.step)
+        return False
 
 
 def evaluate_single(ctx: Context, model: str) -> int:
@@ -277,6 +350,10 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
                        "restart", checkpoint.run_id, checkpoint.step)
         raise
     # ---- record: not abortable, files first, then the store commit (the point of truth) ----
+    if _recorded_meanwhile(ctx, checkpoint):  # a fleet worker that lost its lease: leave the files alone too
+        logger.warning("run %s step %d was recorded by another worker meanwhile; this result is not stored",
+                       checkpoint.run_id, checkpoint.step)
+        return True
     row = evaluation_row(ctx, checkpoint, started_at, result=result, total_s=time.perf_counter() - started)
     write_eval_files(ctx.layout.eval_logs, ctx.layout.analysis, checkpoint.step, file_timestamp(), _file_header(row),
                      result.samples, result.metrics, result.timings)
@@ -285,7 +362,8 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
                        checkpoint.run_id, checkpoint.step)
         return True
     _log_result(checkpoint, result, row)
-    ctx.trackers.log(_wandb_group(ctx, checkpoint), wandb_metrics(result.metrics, result.gpu), checkpoint.step)
+    prefix = "eval_subset" if ctx.subset_key and ctx.eval_key == ctx.subset_key else "eval"
+    ctx.trackers.log(_wandb_group(ctx, checkpoint), wandb_metrics(result.metrics, result.gpu, prefix), checkpoint.step)
     return True
 
 

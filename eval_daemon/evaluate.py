@@ -12,6 +12,7 @@ Used by `bin/eval` (eval_daemon/__main__.py) and bench/eval_engine_reuse.py.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from common.config import EvaluationConfig
 from common.data import MathExample, build_prompt, load_math, load_prompt_template, select_subset
 from common.grading import Grader
+from common.store.writer import stratified_set_name
 from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
 from eval_daemon.entropy import sample_indices
 
@@ -57,6 +59,29 @@ def load_eval_set(evaluation: EvaluationConfig, prompt_template: str) -> EvalSet
     logger.info("eval set %s: %d problems from %s (entropy scored on %d)", evaluation.eval_set, len(examples),
                 source, len(indices))
     return EvalSet(name=evaluation.eval_set, examples=examples, prompts=prompts, entropy_indices=indices)
+
+
+def stratified_subset(eval_set: EvalSet, size: int, seed: int, entropy_sample_size: int) -> EvalSet | None:
+    """evaluation.schedule=keep_up's quick eval set: `size` problems of the eval set, a fixed, seeded
+    sample stratified by (subject, level) (each stratum keeps its share, largest remainders round
+    up), in the eval set's order; named `<eval set>-strat<size>`. None when the eval set is not
+    larger than `size` (the subset would be the whole set)."""
+    n = len(eval_set.examples)
+    if size >= n:
+        return None
+    strata: dict[tuple[str, int], list[int]] = {}
+    for index, example in enumerate(eval_set.examples):
+        strata.setdefault((example.subject, example.level), []).append(index)
+    shares = {key: size * len(members) / n for key, members in strata.items()}
+    quota = {key: int(share) for key, share in shares.items()}
+    by_remainder = sorted(strata, key=lambda key: (-(shares[key] - quota[key]), key))
+    for key in by_remainder[: size - sum(quota.values())]:
+        quota[key] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for key in sorted(strata) for i in rng.sample(strata[key], quota[key]))
+    examples = [eval_set.examples[i] for i in chosen]
+    return EvalSet(name=stratified_set_name(eval_set.name, size), examples=examples, prompts=[eval_set.prompts[i] for i in chosen],
+                   entropy_indices=sample_indices(len(examples), entropy_sample_size, seed))
 
 
 def run_evaluation(engine: GenerationEngine, eval_set: EvalSet, sampling: Sampling, grader: Grader,

@@ -91,11 +91,12 @@ def _percent(count: int, total: int) -> float:
     return round(100.0 * count / total, 2) if total else 0.0
 
 
-def wandb_metrics(metrics: dict, gpu: dict) -> dict:
-    """The eval/* and eval_gpu/* metrics logged to W&B for one checkpoint (None values left out)."""
+def wandb_metrics(metrics: dict, gpu: dict, prefix: str = "eval") -> dict:
+    """The eval/* and eval_gpu/* metrics logged to W&B for one checkpoint (None values left out);
+    prefix eval_subset for keep_up's quick evaluations, so that W&B never mixes them with full ones."""
     names = ("accuracy", "format_accuracy", "num_correct", "num_format_correct", "avg_response_length",
              "avg_response_length_correct", "avg_response_length_incorrect", "avg_token_entropy")
-    logged = {f"eval/{name}": metrics[name] for name in names if metrics.get(name) is not None}
+    logged = {f"{prefix}/{name}": metrics[name] for name in names if metrics.get(name) is not None}
     logged.update({f"eval_gpu/{name}": value for name, value in gpu.items()})
     return logged
 

@@ -57,6 +57,7 @@ def daemon_args(math_dir: Path, *extra: str, engine: str = "hf") -> list[str]:
         f"evaluation.engine={engine}", "evaluation.device=cpu", f"evaluation.test_source={math_dir}",
         "evaluation.max_tokens=16", "evaluation.max_model_len=512", "evaluation.entropy_sample_size=3",
         "evaluation.grading_workers=1", "evaluation.reconcile_interval_s=600",  # events only: proves the watcher
+        "evaluation.schedule=in_order",  # the tests follow the checkpoints in step order
         f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}", "logging.wandb=false",
         "logging.progress_bar=false", *extra,
     ]

@@ -36,6 +36,7 @@ from common.durable import atomic_write  # noqa: E402
 from common.grading import FORMAT_FAILURE_TYPES  # noqa: E402
 from common.store.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, REPO_ROOT, format_table, print_stdout  # noqa: E402
 from common.store.schema import StoreBusyError, StoreError, connect_read_only, one_line_error  # noqa: E402
+from common.store.writer import is_stratified_subset  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "results"
 CATEGORY_STYLES = (("pct_correct", "correct", "#2ca02c"), ("pct_wrong_answer", "wrong answer", "#ff7f0e"),
@@ -132,6 +133,8 @@ def assign_styles(series: Sequence[Series]) -> None:
     colors = plt.get_cmap("tab10").colors
     for index, s in enumerate(series):
         s.label = s.run_id if one_config_per_run else f"{s.run_id} [{s.eval_key}]"
+        if one_config_per_run and s.progress and is_stratified_subset(s.progress[0]["eval_set"]):
+            s.label += f" [{s.progress[0]['eval_set']} subset]"  # never a subset number that looks like a full one
         s.color = colors[index % len(colors)]
         s.linestyle = LINESTYLES[(index // len(colors)) % len(LINESTYLES)]
         s.marker = MARKERS[index % len(MARKERS)]

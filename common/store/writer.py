@@ -57,6 +57,16 @@ def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int) ->
     return "-".join(parts)
 
 
+def stratified_set_name(eval_set: str, size: int) -> str:
+    """The eval_set of an evaluation on a stratified subset (evaluation.schedule=keep_up), e.g.
+    'math-strat1000': stored in every row, part of its eval key, shown by the views and plots."""
+    return f"{eval_set}-strat{size}"
+
+
+def is_stratified_subset(eval_set: str) -> bool:
+    return re.search(r"-strat\d+$", eval_set) is not None
+
+
 def recorded_keys(db_path: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> set[tuple[str, int, str]]:
     """(run_id, step, eval_key) of every recorded evaluation, ok or failed; empty when no store yet."""
     if not Path(db_path).exists():
