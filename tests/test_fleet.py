@@ -111,6 +111,7 @@ def _record(db: str, barrier, results) -> None:
     results.put(record_evaluation(Path(db), evaluation, samples))
 
 
+@pytest.mark.slow  # real processes, each opening the store
 def test_several_processes_recording_one_key_at_once_store_it_once(tmp_path):
     db, writers = tmp_path / "results.duckdb", 3
     context = multiprocessing.get_context("fork")  # no re-import: the race starts at once
