@@ -32,7 +32,7 @@ def demo_paths(root: Path) -> list[str]:
     results = root / "results"
     return [
         f"model.name_or_path={root / 'model'}", f"data.train_source={root / 'data'}",
-        f"evaluation.test_source={root / 'data'}", f"data.prompt_template={REPO / 'config' / 'r1_zero.prompt'}",
+        f"evaluation.test_source={root / 'data'}", f"data.prompt_template={REPO / 'config' / 'demo.prompt'}",
         f"paths.results_dir={results}",
     ]
 

@@ -13,55 +13,56 @@ import math
 import random
 from pathlib import Path
 
-
-def _addition(rng: random.Random) -> tuple[str, str, str, int]:
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    level = 1 if a + b < 50 else 2
-    return "prealgebra", f"What is ${a} + {b}$?", f"We add: ${a} + {b} = {a + b}$. So the answer is $\\boxed{{{a + b}}}$.", level
-
-
-def _subtraction(rng: random.Random) -> tuple[str, str, str, int]:
-    a, b = rng.randint(20, 99), rng.randint(1, 19)
-    return "prealgebra", f"What is ${a} - {b}$?", f"We subtract: ${a} - {b} = {a - b}$. So the answer is $\\boxed{{{a - b}}}$.", 1
+# Each generator returns (subject, problem, solution, level). The solutions work the answer out in
+# small steps a tiny transformer can learn from a few thousand examples (copying digits, a last-digit
+# rule, a carry), so that answer accuracy on unseen problems rises during the demo; the gcd problems
+# (level 5) stay out of its reach, so not every subject and level learns alike.
 
 
-def _product(rng: random.Random) -> tuple[str, str, str, int]:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    return "prealgebra", f"Compute ${a} \\times {b}$.", f"We multiply: ${a} \\times {b} = {a * b}$. So the answer is $\\boxed{{{a * b}}}$.", 2
+def _row(subject: str, level: int, problem: str, working: str, answer) -> tuple[str, str, str, int]:
+    return subject, problem, f"{working} So the answer is $\\boxed{{{answer}}}$.", level
 
 
-def _linear(rng: random.Random) -> tuple[str, str, str, int]:
-    x, a, b = rng.randint(1, 20), rng.randint(2, 9), rng.randint(1, 30)
-    c = a * x + b
-    solution = f"Subtract {b}: ${a}x = {c - b}$. Divide by {a}: $x = {x}$. So the answer is $\\boxed{{{x}}}$."
-    return "algebra", f"Solve ${a}x + {b} = {c}$ for $x$.", solution, 3
+def _units_digit(rng: random.Random) -> tuple[str, str, str, int]:
+    n = rng.randint(100, 9999)
+    return _row("prealgebra", 1, f"What is the units digit of ${n}$?", f"The last digit is ${n % 10}$.", n % 10)
 
 
-def _remainder(rng: random.Random) -> tuple[str, str, str, int]:
-    a, m = rng.randint(10, 99), rng.randint(3, 9)
-    q, r = divmod(a, m)
-    solution = f"We write ${a} = {q} \\cdot {m} + {r}$. So the remainder is $\\boxed{{{r}}}$."
-    return "number_theory", f"What is the remainder when ${a}$ is divided by ${m}$?", solution, 3
+def _tens_digit(rng: random.Random) -> tuple[str, str, str, int]:
+    n = rng.randint(100, 9999)
+    t, u = n // 10 % 10, n % 10
+    return _row("prealgebra", 2, f"What is the tens digit of ${n}$?", f"The last two digits are ${t}$ and ${u}$.", t)
+
+
+def _remainder_by_five(rng: random.Random) -> tuple[str, str, str, int]:
+    n = rng.randint(100, 9999)
+    return _row("number_theory", 3, f"What is the remainder when ${n}$ is divided by $5$?",
+                f"The last digit is ${n % 10}$, which leaves ${n % 5}$.", n % 5)
+
+
+def _of_three(word: str, pick, level: int):
+    """The smallest or largest of three different digits."""
+    def generate(rng: random.Random) -> tuple[str, str, str, int]:
+        a, b, c = rng.sample(range(10), 3)
+        return _row("algebra", level, f"What is the {word} of ${a}$, ${b}$ and ${c}$?",
+                    f"The {word} is ${pick(a, b, c)}$.", pick(a, b, c))
+    return generate
+
+
+def _successor(rng: random.Random) -> tuple[str, str, str, int]:
+    x = rng.randint(10, 998)
+    return _row("algebra", 5, f"If $x = {x}$, what is $x + 1$?", f"We add one: ${x} + 1 = {x + 1}$.", x + 1)
 
 
 def _gcd(rng: random.Random) -> tuple[str, str, str, int]:
     g = rng.randint(2, 9)
     a, b = g * rng.randint(2, 9), g * rng.randint(2, 9)
-    d = math.gcd(a, b)
-    solution = f"The common divisors of ${a}$ and ${b}$ end at ${d}$. So the answer is $\\boxed{{{d}}}$."
-    return "number_theory", f"What is the greatest common divisor of ${a}$ and ${b}$?", solution, 4
+    return _row("number_theory", 5, f"What is the greatest common divisor of ${a}$ and ${b}$?",
+                f"The common divisors of ${a}$ and ${b}$ end at ${math.gcd(a, b)}$.", math.gcd(a, b))
 
 
-def _fraction(rng: random.Random) -> tuple[str, str, str, int]:
-    a, b = rng.randint(1, 9), rng.randint(2, 9)
-    g = math.gcd(a, 2 * b)
-    num, den = a // g, 2 * b // g
-    answer = str(num) if den == 1 else f"\\frac{{{num}}}{{{den}}}"
-    solution = f"Half of $\\frac{{{a}}}{{{b}}}$ is $\\frac{{{a}}}{{{2 * b}}} = {answer}$. So the answer is $\\boxed{{{answer}}}$."
-    return "algebra", f"What is half of $\\frac{{{a}}}{{{b}}}$?", solution, 5
-
-
-GENERATORS = [_addition, _subtraction, _product, _linear, _remainder, _gcd, _fraction]
+GENERATORS = [_units_digit, _tens_digit, _remainder_by_five, _of_three("smallest", min, 3),
+              _of_three("largest", max, 4), _successor, _gcd]
 
 
 def generate_problems(count: int, seed: int) -> list[dict]:

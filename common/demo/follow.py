@@ -1,46 +1,37 @@
-"""Turn the two daemons' output into a few readable progress lines for `bin/demo`.
+"""Turn the two daemons' structured outputs into a few readable progress lines for `bin/demo`.
 
 Not run on its own: `bin/demo` (`python -m common.demo.run`) uses it.
 
-Each daemon writes everything to its own log file (results/demo/logs/); the terminal gets only
-the lines a newcomer needs: training loss every logging.log_every steps (from the trainer's
-train_log.jsonl), each published checkpoint, each evaluation result, and every WARNING or ERROR
-of the product's own loggers. vLLM's start-up chatter stays in the log file.
+The demo reads what the daemons write for every reader, never the wording of their log messages:
+- the trainer's `runs/<run>/train_log.jsonl`: the loss every logging.log_every steps;
+- the run's manifest (`checkpoints/<run>/manifest.json`, common/contract.py): each published checkpoint;
+- the eval daemon's `eval_logs/summary_eval_step_<N>_<ts>.json` (one per evaluation, written
+  atomically, naming its run_id, unlike `eval_logs/eval_metrics.jsonl`, whose records carry only the
+  step): each evaluation result.
+Each daemon's own log (results/demo/logs/) stays in its file; only its WARNING and ERROR records
+reach the terminal, picked by the level field of the daemons' log format.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
-# The daemons' log format (logging.basicConfig in their entry points).
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d (?P<time>\d\d:\d\d:\d\d),\d+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$")
+from common.contract import Layout, ManifestError, read_manifest
+
+# The level field of the daemons' log format (logging.basicConfig in their entry points).
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d (?P<time>\d\d:\d\d:\d\d),\d+ (?P<level>[A-Z]+) (?P<name>[\w.]+): (?P<message>.*)$")
 OWN_LOGGERS = ("train_daemon", "eval_daemon", "common")
-# INFO lines worth a newcomer's attention: (logger, message start).
-SHOWN_INFO = [
-    ("train_daemon", re.compile(r"run \S+: (starting|resuming)|run \S+ done at step|stopped at step")),
-    ("train_daemon.publisher", re.compile(r"published step")),
-    ("eval_daemon", re.compile(r"eval worker|run \S+ step \d+: accuracy|all published checkpoints are evaluated")),
-]
+SHOWN_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 
 
-def shown(line: str, width: int = 150) -> str | None:
-    """The terminal form of one daemon log line, or None when it stays in the log file only.
-    INFO lines are cut to `width` characters; WARNING and ERROR lines never are."""
-    match = LOG_LINE.match(line)
-    if match is None:
+def problem_record(line: str) -> str | None:
+    """'06:05:45 WARNING <message>' for a WARNING or ERROR record of our own loggers, else None."""
+    match = LOG_RECORD.match(line)
+    if match is None or match["level"] not in SHOWN_LEVELS or not match["name"].startswith(OWN_LOGGERS):
         return None
-    level, name, message = match["level"], match["name"], match["message"]
-    if not name.startswith(OWN_LOGGERS):
-        return None
-    if level in ("WARNING", "ERROR", "CRITICAL"):
-        return f"{match['time']} {level} {message}"
-    if level == "INFO" and any(name == logger and pattern.match(message) for logger, pattern in SHOWN_INFO):
-        text = f"{match['time']} {message}"
-        return text if len(text) <= width else text[: width - 3] + "..."
-    return None
+    return f"{match['time']} {match['level']} {match['message']}"
 
 
 class LineFollower:
@@ -76,29 +67,68 @@ def loss_line(record_text: str, total_steps: int) -> str | None:
     return text + (f"  lr {rate:.2e}" if isinstance(rate, (int, float)) else "")
 
 
-class Progress:
-    """Prints what is new in both daemons' logs and in the trainer's train_log.jsonl."""
+def result_line(summary: dict) -> str:
+    """'step 100: accuracy 45.0%, format 100.0% (n=140); generation 1.2 s' from an eval summary."""
+    accuracy, format_accuracy = summary.get("accuracy") or 0.0, summary.get("format_accuracy") or 0.0
+    return (f"step {summary['eval_step']}: accuracy {accuracy:.1%}, format {format_accuracy:.1%} "
+            f"(n={summary.get('num_test_cases')}); generation {summary.get('generation_seconds', 0.0):.1f} s")
 
-    def __init__(self, logs_dir: Path, train_log: Path, run_id: str, total_steps: int) -> None:
+
+class Progress:
+    """Prints what is new in the run's train_log.jsonl, manifest and eval summaries, and the daemons'
+    WARNING and ERROR records."""
+
+    def __init__(self, layout: Layout, logs_dir: Path, run_id: str, total_steps: int) -> None:
         self.logs = {"train": logs_dir / f"train-{run_id}.log", "eval": logs_dir / f"eval-{run_id}.log"}
+        self._run_id, self._total_steps, self._layout = run_id, total_steps, layout
         self._followers = {name: LineFollower(path) for name, path in self.logs.items()}
-        self._metrics = LineFollower(train_log)
-        self._total_steps = total_steps
-        self._width = shutil.get_terminal_size((150, 24)).columns - 8  # minus the "[train] " prefix
+        self._train_log = LineFollower(layout.train_log(run_id))
+        self._published: set[int] = set()
+        self._summaries_seen: set[Path] = set()
 
     def print_new(self) -> tuple[bool, bool]:
-        """Print the new lines; returns (anything new at all, a new evaluation result)."""
-        active = new_result = False
+        """Print the new lines; returns (anything new at all, a new evaluation result of this run)."""
+        active = False
         for name, follower in self._followers.items():
             for line in follower.new_lines():
                 active = True
-                text = shown(line, self._width)
-                if text is not None:
-                    print(f"[{name:5}] {text}", flush=True)
-                    new_result |= name == "eval" and ": accuracy" in text
-        for record in self._metrics.new_lines():
+                text = problem_record(line)
+                if text is not None:  # never cut: a warning is read in full
+                    self._say(name, text)
+        for record in self._train_log.new_lines():
             active = True
             text = loss_line(record, self._total_steps)
             if text is not None:
-                print(f"[train] {text}", flush=True)
-        return active, new_result
+                self._say("train", text)
+        published = self._new_published()
+        results = self._new_results()
+        return active or published or results, results
+
+    def _new_published(self) -> bool:
+        try:
+            manifest = read_manifest(self._layout.run_checkpoints(self._run_id))
+        except ManifestError:  # not written yet (or mid-replace on a filesystem without atomic rename)
+            return False
+        entries = [entry for entry in manifest.checkpoints if entry.step not in self._published]
+        for entry in entries:
+            self._published.add(entry.step)
+            self._say("train", f"published step {entry.step} ({entry.path})")
+        return bool(entries)
+
+    def _new_results(self) -> bool:
+        new = False
+        for path in sorted(self._layout.eval_logs.glob("summary_eval_step_*.json")):
+            if path in self._summaries_seen:
+                continue
+            self._summaries_seen.add(path)
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):  # written by temp file + rename: only a foreign file fails
+                continue
+            if summary.get("run_id") == self._run_id:
+                self._say("eval", result_line(summary))
+                new = True
+        return new
+
+    def _say(self, name: str, text: str) -> None:
+        print(f"[{name:5}] {text}", flush=True)

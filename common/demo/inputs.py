@@ -27,10 +27,10 @@ STAMP_NAME = ".demo-inputs.json"
 @dataclass(frozen=True)
 class DemoInputs:
     """What the demo's dataset and model are made of (the defaults are what bin/demo uses)."""
-    train_problems: int = 600
-    test_problems: int = 60
+    train_problems: int = 4000
+    test_problems: int = 140
     data_seed: int = 0
-    vocab_size: int = 1000  # BPE merges stop early: the demo texts need ~770 tokens
+    vocab_size: int = 1000  # BPE merges stop early: the demo texts need ~400 tokens (one per digit)
     hidden_size: int = 128
     num_layers: int = 2
     model_seed: int = 0
@@ -84,4 +84,4 @@ def _write_model(out: Path, data_dir: Path, template: str, inputs: DemoInputs) -
                      hidden_size=inputs.hidden_size, num_layers=inputs.num_layers,
                      # head_dim 32: a size vLLM's CPU attention kernels support
                      num_heads=inputs.hidden_size // 32, num_kv_heads=max(1, inputs.hidden_size // 64),
-                     seed=inputs.model_seed)
+                     seed=inputs.model_seed, split_digits=True)

@@ -30,13 +30,17 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer (GPT-2 style, as Qwen2's) trained on the given texts."""
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, split_digits: bool = False):
+    """A byte-level BPE tokenizer (GPT-2 style, as Qwen2's) trained on the given texts; with
+    split_digits one token per digit, as Qwen2's own pre-tokenizer does (the demo: a tiny model then
+    learns digit rules instead of a token per number)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -60,13 +64,14 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    split_digits: bool = False,
 ) -> Path:
     """Write a random-weight Qwen2 model + tokenizer to out_dir (safetensors) and return the path."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus, vocab_size)
+    tokenizer = build_tokenizer(corpus, vocab_size, split_digits)
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
