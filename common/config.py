@@ -130,6 +130,8 @@ class EvaluationConfig:
     entropy_sample_size: int = 256  # responses whose mean token entropy is scored (0: none)
     poll_observer: bool = False  # watchdog PollingObserver (network filesystems)
     reconcile_interval_s: float = 30.0
+    environment_retries: int = 3  # tries of a checkpoint whose evaluation the machine failed (OOM, driver, network)
+    retry_backoff_s: float = 10.0  # wait before the 2nd try, doubled for each further one
     grading_timeout_s: float = 5.0
     grading_workers: int = 2
     worker_id: str = ""  # empty: hostname-pid; `bin/eval --workers N` names its workers <id>-0 .. <id>-N-1
@@ -379,6 +381,8 @@ def validate(config: Config, where: Sources | None = None) -> None:
              f"must list cpu, cuda or cuda:N entries, got {e.devices!r}")
     _require(e.lease_s > 0, "evaluation.lease_s", "must be > 0")
     _require(e.reconcile_interval_s > 0, "evaluation.reconcile_interval_s", "must be > 0")
+    _require(e.environment_retries >= 1, "evaluation.environment_retries", "must be >= 1")
+    _require(e.retry_backoff_s >= 0, "evaluation.retry_backoff_s", "must be >= 0")
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1")
 
 

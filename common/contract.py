@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ MARKER_DIR = "evaluated"
 MANIFEST_SCHEMA_VERSION = 1
 STORE_NAME = "results.duckdb"
 LEASE_DIR = "leases"
+MAX_STEP = 2**63 - 1  # the store keeps steps as BIGINT
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # safe in paths, log lines and SQL output
+# Contract documents (manifest, sidecar, marker) are small; a bigger one is not ours.
+MAX_DOCUMENT_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Manifest:
     run_id: str
     checkpoints: list[CheckpointEntry] = field(default_factory=list)
     updated_at: str = ""
+    rejected: list[str] = field(default_factory=list)  # why entries were left out on reading (never written)
 
     def steps(self) -> list[int]:
         return [c.step for c in self.checkpoints]
@@ -135,14 +141,57 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+# ---- reading without blocking ---------------------------------------------------------------------
+
+
+class NotRegularFileError(OSError):
+    """A path that is a FIFO, socket or device (reading it could block forever), or too big."""
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of a regular file, never blocking: opened non-blocking and checked with fstat
+    before the first read, so a FIFO or device planted under a contract name cannot hang a daemon."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(f"{path} is not a regular file ({file_kind(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise NotRegularFileError(f"{path} holds {info.st_size} bytes, more than the {max_bytes} expected")
+        chunks, left = [], info.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 2**20))
+            if not chunk:
+                break  # shrank while being read: what there is, the JSON parse decides
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_json_document(path: Path) -> Any:
+    return json.loads(read_regular_file(path).decode())
+
+
 # ---- manifest ------------------------------------------------------------------------------------
 
 
 def read_manifest(run_dir: Path) -> Manifest:
-    """Parse `<run_dir>/manifest.json`; raise ManifestError with a one-line reason when invalid."""
+    """Parse `<run_dir>/manifest.json`; raise ManifestError with a one-line reason when the file is
+    invalid. Invalid entries (step out of range, wrong path) are left out and named in
+    `manifest.rejected`, so one bad entry does not hide the good ones."""
     path = Path(run_dir) / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        data = _read_json_document(path)
     except FileNotFoundError as exc:
         raise ManifestError(f"{path}: no manifest; the run has published nothing yet") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -150,20 +199,38 @@ def read_manifest(run_dir: Path) -> Manifest:
     try:
         if data.get("schema_version") != MANIFEST_SCHEMA_VERSION:
             raise ManifestError(f"{path}: schema_version {data.get('schema_version')!r} is not {MANIFEST_SCHEMA_VERSION}")
-        entries = [
-            CheckpointEntry(step=int(c["step"]), path=str(c["path"]), published_at=str(c["published_at"]),
-                            metrics=dict(c.get("metrics") or {}))
-            for c in data["checkpoints"]
-        ]
-        manifest = Manifest(run_id=str(data["run_id"]), checkpoints=entries, updated_at=str(data.get("updated_at", "")))
+        run_id = data["run_id"]
+        if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+            raise ManifestError(f"{path}: run_id {str(run_id)[:80]!r} may hold only letters, digits, '-', '_' "
+                                f"and '.'; rename the run")
+        manifest = Manifest(run_id=run_id, updated_at=str(data.get("updated_at", "")))
+        if not isinstance(data["checkpoints"], list):
+            raise TypeError(f"checkpoints is a {type(data['checkpoints']).__name__}, not a list")
+        for raw in data["checkpoints"]:
+            entry, problem = _manifest_entry(raw)
+            if entry is not None:
+                manifest.checkpoints.append(entry)
+            else:
+                manifest.rejected.append(f"{path}: {problem}")
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):
             raise
         raise ManifestError(f"{path}: manifest does not follow the schema ({exc!r}); see README 'filesystem contract'") from exc
-    for entry in entries:
-        if entry.path != step_dir_name(entry.step):
-            raise ManifestError(f"{path}: entry for step {entry.step} points at {entry.path!r}, expected {step_dir_name(entry.step)!r}")
     return manifest
+
+
+def _manifest_entry(raw: Any) -> tuple[CheckpointEntry | None, str]:
+    """One manifest entry, or None and why it is rejected."""
+    try:
+        step, rel = raw["step"], raw["path"]
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            return None, f"entry with step {str(step)[:40]!r}: a step is an integer from 0 to {MAX_STEP}"
+        if rel != step_dir_name(step):
+            return None, f"entry for step {step} points at {str(rel)[:80]!r}, expected {step_dir_name(step)!r}"
+        return CheckpointEntry(step=step, path=rel, published_at=str(raw["published_at"]),
+                               metrics=dict(raw.get("metrics") or {})), ""
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an entry of the wrong shape
+        return None, f"entry {str(raw)[:80]!r} does not follow the schema ({exc!r})"
 
 
 def write_manifest(run_dir: Path, manifest: Manifest) -> None:
@@ -180,13 +247,55 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> None:
 
 
 def load_or_new_manifest(run_dir: Path, run_id: str) -> Manifest:
-    """The trainer's view: the existing manifest, or an empty one if none (or unreadable) exists."""
+    """The trainer's view: the existing manifest; an empty one when none exists; when it exists but
+    is unreadable, one rebuilt from the complete, verified step directories on disk (written at
+    once, with one WARNING), so that no published checkpoint is dropped."""
     try:
         return read_manifest(run_dir)
     except ManifestError as exc:
-        if (Path(run_dir) / MANIFEST_NAME).exists():
-            logger.warning("%s; starting a new manifest (published step directories stay on disk)", exc)
-        return Manifest(run_id=run_id)
+        if not os.path.lexists(Path(run_dir) / MANIFEST_NAME):
+            return Manifest(run_id=run_id)
+        manifest = rebuild_manifest(run_dir, run_id)
+        os.unlink(Path(run_dir) / MANIFEST_NAME)  # may be a FIFO or a directory-free junk file: replace it
+        write_manifest(run_dir, manifest)
+        logger.warning("%s; rebuilt it from the step directories on disk: steps %s", exc, manifest.steps() or "none")
+        return manifest
+
+
+def rebuild_manifest(run_dir: Path, run_id: str) -> Manifest:
+    """A manifest listing every complete, verified step directory of the run (see verify_step_dir)."""
+    manifest = Manifest(run_id=run_id)
+    for path in sorted(Path(run_dir).glob("step_*")):
+        sidecar = verify_step_dir(path, run_id)
+        if sidecar is not None:
+            published = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(path.lstat().st_mtime))
+            manifest.checkpoints.append(CheckpointEntry(step=sidecar.step, path=path.name, published_at=published,
+                                                        metrics=dict(sidecar.metrics)))
+    return manifest
+
+
+def verify_step_dir(path: Path, run_id: str) -> Sidecar | None:
+    """The sidecar of a complete step directory of run_id (a real directory named after its step,
+    its sidecar naming this run and step, config.json, safetensors weights whose headers match
+    their sizes); None for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_symlink() or not path.is_dir():
+        return None
+    try:
+        sidecar = read_sidecar(path)
+        read_regular_file(path / "config.json")
+        weights = sorted(path.glob("*.safetensors"))
+        for file in weights:
+            if not stat.S_ISREG(os.stat(file).st_mode):  # safe_open would block on a FIFO
+                return None
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+    except (ManifestError, OSError, SafetensorError):  # incomplete or not ours: not listed
+        return None
+    if not weights or sidecar.run_id != run_id or path.name != step_dir_name(sidecar.step):
+        return None
+    return sidecar
 
 
 # ---- publishing (trainer side) -------------------------------------------------------------------
@@ -291,14 +400,24 @@ def mark_evaluated(run_dir: Path, marker: Marker) -> None:
     atomic_write_json(path, asdict(marker))
 
 
-def is_evaluated(run_dir: Path, step: int) -> bool:
-    """True when any eval daemon has written its marker for this step."""
-    return any((Path(run_dir) / MARKER_DIR).glob(f"{step_dir_name(step)}.*.done"))
+def is_evaluated(run_dir: Path, step: int, ok_only: bool = False) -> bool:
+    """True when any eval daemon has written its marker for this step (with ok_only: a marker of a
+    successful evaluation; a failed one, or a marker that cannot be read, does not count)."""
+    markers = (Path(run_dir) / MARKER_DIR).glob(f"{step_dir_name(step)}.*.done")
+    return any(not ok_only or _marker_status(path) == "ok" for path in markers)
+
+
+def _marker_status(path: Path) -> str | None:
+    try:
+        return str(_read_json_document(path).get("status"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):  # torn or foreign: not ok
+        return None
 
 
 def apply_retention(run_dir: Path, keep_last: int) -> list[int]:
     """Trainer side: delete published checkpoints beyond the newest `keep_last`, but only those
-    that an eval daemon has marked as finished. Returns the deleted steps. 0 keeps everything.
+    that an eval daemon has evaluated successfully (a failed evaluation keeps the checkpoint, so that
+    it can be evaluated again). Returns the deleted steps. 0 keeps everything.
 
     The manifest is rewritten first (the step stops existing), then the directory is removed.
     """
@@ -307,7 +426,7 @@ def apply_retention(run_dir: Path, keep_last: int) -> list[int]:
     manifest = read_manifest(run_dir)
     ordered = sorted(manifest.checkpoints, key=lambda c: c.step)
     candidates = ordered[:-keep_last] if len(ordered) > keep_last else []
-    doomed = [c for c in candidates if is_evaluated(run_dir, c.step)]
+    doomed = [c for c in candidates if is_evaluated(run_dir, c.step, ok_only=True)]
     if not doomed:
         return []
     doomed_steps = {c.step for c in doomed}
@@ -485,7 +604,7 @@ def write_sidecar(step_dir: Path, sidecar: Sidecar) -> None:
 def read_sidecar(step_dir: Path) -> Sidecar:
     path = Path(step_dir) / SIDECAR_NAME
     try:
-        data = json.loads(path.read_text())
+        data = _read_json_document(path)
         named = {name: data.pop(name) for name in ("run_name", "wandb_group", "base_model", "config") if name in data}
         return Sidecar(run_id=str(data.pop("run_id")), step=int(data.pop("step")), metrics=data, **named)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -542,32 +661,50 @@ def _run_checkpoints(run_dir: Path, warn: WarnOnce) -> list[Checkpoint]:
         manifest = read_manifest(run_dir)
     except ManifestError as exc:
         # The daemon keeps serving the other runs; a later valid rewrite is picked up on its event.
-        warn(f"ignoring run {run_dir.name}: {exc}")
+        name = run_dir.name if RUN_ID_PATTERN.fullmatch(run_dir.name) else repr(run_dir.name)  # no forged lines
+        warn(f"ignoring run {name}: {exc}")
         return []
+    for problem in manifest.rejected:
+        warn(f"ignoring a manifest entry of run {manifest.run_id}: {problem}")
     checkpoints = []
     for entry in manifest.checkpoints:
         path = run_dir / entry.path
         if entry.path.startswith(TEMP_PREFIX) or not path.is_dir():
             warn(f"ignoring step {entry.step} of run {manifest.run_id}: {path} is listed in the manifest but missing")
             continue
+        escape = _escapes_run_dir(path, run_dir)
+        if escape:
+            warn(f"ignoring step {entry.step} of run {manifest.run_id}: {escape} leads out of the run directory "
+                 f"{run_dir}; a checkpoint holds its own files")
+            continue
         checkpoints.append(Checkpoint(run_id=manifest.run_id, step=entry.step, path=path, run_dir=run_dir,
                                       published_at=entry.published_at, metrics=entry.metrics))
     return checkpoints
 
 
-def checkpoint_from_argument(model: str) -> Checkpoint:
-    """The Checkpoint for `--checkpoint PATH_OR_HUB_ID`.
+def _escapes_run_dir(step_dir: Path, run_dir: Path) -> Path | None:
+    """The first path of a step directory (itself or a file in it) that resolves outside run_dir."""
+    root = run_dir.resolve()
+    for path in (step_dir, *sorted(step_dir.iterdir())):
+        if not path.resolve().is_relative_to(root):
+            return path
+    return None
+
+
+def checkpoint_from_argument(model: str, run_id: str = "") -> Checkpoint:
+    """The Checkpoint for `--checkpoint PATH_OR_HUB_ID [--run-id NAME]`.
 
     A published step directory keeps its run id and step (from its checkpoint.json sidecar; the
-    marker is written when its run directory has a manifest). Any other model directory or hub id
-    (e.g. the base model) is recorded as run_id = its directory name or hub id, step 0.
+    marker is written when its run directory has a manifest). Any other model is recorded at step 0
+    under `run_id` when given, else under an id that names that model alone: its resolved directory
+    for a local model (two `model/` folders never share it), its hub id for a hub model.
     """
     path = Path(model).expanduser()
     if not path.is_dir():
-        return Checkpoint(run_id=model, step=0, path=Path(model), run_dir=None)
+        return Checkpoint(run_id=run_id or model, step=0, path=Path(model), run_dir=None)
     try:
         sidecar = read_sidecar(path)
     except ManifestError:  # not a published checkpoint: an external model
-        return Checkpoint(run_id=path.resolve().name, step=0, path=path, run_dir=None)
+        return Checkpoint(run_id=run_id or str(path.resolve()), step=0, path=path, run_dir=None)
     run_dir = path.parent if (path.parent / MANIFEST_NAME).exists() else None
-    return Checkpoint(run_id=sidecar.run_id, step=sidecar.step, path=path, run_dir=run_dir)
+    return Checkpoint(run_id=run_id or sidecar.run_id, step=sidecar.step, path=path, run_dir=run_dir)

@@ -58,6 +58,10 @@ logger = logging.getLogger(__name__)
 # the plots import it). Categories: correct (format 1, answer 1), wrong_answer (format 1, answer 0),
 # format_failure (format 0), whose type is the first missing piece, or incomplete_generation.
 CATEGORIES = ("correct", "wrong_answer", "format_failure")
+# The grader's name and version go into every eval key (common/store/writer.py): bump the version
+# with any change that can turn one verdict, so old and new numbers are never merged.
+GRADER_NAME = "mathsft"
+GRADER_VERSION = "1"
 FORMAT_FAILURE_TYPES = ("missing_think_close", "missing_answer_open", "missing_answer_close", "incomplete_generation")
 
 THINK_CLOSE = "</think>"

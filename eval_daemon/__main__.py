@@ -2,7 +2,8 @@
 
     bin/eval --config config/sft_config.yaml [key=value ...]        # watch results/checkpoints/ (GPU 1)
     bin/eval --config config/sft_config.yaml --once                 # evaluate what is pending, then exit
-    bin/eval --config config/sft_config.yaml --checkpoint PATH_OR_HUB_ID   # one model, then exit
+    bin/eval --config config/sft_config.yaml --checkpoint PATH_OR_HUB_ID [--run-id NAME]  # one model, then exit
+    bin/eval --config config/sft_config.yaml --once --retry-failed  # evaluate failed rows again, on purpose
     bin/eval --config config/sft_config.yaml --workers N           # N workers on one queue (eval_daemon/fleet.py)
 
 Reads top to bottom: parse config -> validate (engine installed, device present) -> load (eval set,
@@ -11,6 +12,11 @@ scan what already exists, then follow manifest events (plus a reconcile scan eve
 evaluation.reconcile_interval_s) -> clean up. SIGTERM and Ctrl-C take the same path: an evaluation
 in progress is abandoned with nothing written (it runs again on restart), the observer, the grader
 pool and the engine are stopped, exit code 0.
+
+Failures: a checkpoint whose files are bad is recorded as failed (and not retried unless
+--retry-failed); a failure of the machine (out of memory, driver, network, engine start-up) is
+retried evaluation.environment_retries times with backoff and never recorded; after the last try
+the daemon exits with code 3 (ENVIRONMENT_EXIT_CODE).
 
 Device: evaluation.device cuda:N on a machine without that GPU is a config error (exit 2, "set
 evaluation.device=cpu"), not a silent fallback: a 1.5B model on CPU takes days for MATH.
@@ -36,23 +42,32 @@ from common import cli
 from common.config import Config, ConfigError, EvaluationConfig, load_config, to_dict
 from common.contract import (Checkpoint, Layout, Lease, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument,
                              live_leases, now_iso, read_sidecar, scan_published)
-from common.data import DatasetError
+from common.data import DatasetError, load_prompt_template
+from common.errors import first_line
 from common.grading import Grader, GraderError
 from common.store.schema import StoreError
-from common.store.writer import eval_key, is_recorded, recorded_keys
-from eval_daemon.engines.base import CheckpointLoadError, GenerationEngine, Sampling, is_local
+from common.store.writer import eval_key, is_recorded, mark_tracked, recorded_keys
+from eval_daemon.engines.base import CheckpointLoadError, EnvironmentFailure, GenerationEngine, Sampling, is_local
 from eval_daemon.engines.factory import make_engine
 from eval_daemon.evaluate import EvalResult, EvalSet, load_eval_set, run_evaluation, stratified_subset
+from eval_daemon.fingerprint import fingerprint, keyed_inputs
 from eval_daemon.fleet import run_fleet
 from eval_daemon.lease import Heartbeat, claim_first, finish_lease
-from eval_daemon.records import Trackers, commit_and_mark, file_timestamp, wandb_metrics, write_eval_files
+from eval_daemon.records import (Trackers, commit_and_mark, commit_eval_files, file_timestamp, wandb_metrics,
+                                 write_analysis_files, write_eval_files)
 from eval_daemon.schedule import Work, plan
 from eval_daemon.shutdown import Shutdown, StopSignal
+from eval_daemon.startup import check_store, reconcile
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
 
 logger = logging.getLogger("eval_daemon")
 
 TEST_DELAY_ENV = "MATHSFT_TEST_EVAL_DELAY_S"
+ENVIRONMENT_EXIT_CODE = 3  # the machine failed an evaluation evaluation.environment_retries times
+
+
+class EnvironmentGaveUp(Exception):
+    """The last try of an evaluation failed for a reason of the machine (see ENVIRONMENT_EXIT_CODE)."""
 
 
 @dataclass
@@ -69,6 +84,9 @@ class Context:
     stop: StopSignal
     trackers: Trackers
     deferred: set = field(default_factory=set)  # (run_id, step) whose recording failed: retried on restart
+    fingerprint: dict = field(default_factory=dict)  # what moves the numbers (eval_daemon/fingerprint.py)
+    template_text: str = ""  # the prompt template, hashed into the eval keys
+    retry_failed: bool = False  # --retry-failed: failed rows are pending again (once per process)
     # evaluation.schedule=keep_up's quick evaluations: the stratified subset and its eval key (None, "": none)
     subset_set: EvalSet | None = None
     subset_key: str = ""
@@ -85,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers:
             return run_fleet(args, config)  # N worker processes, each validating its own device
         device = resolve_device(config.evaluation)
+        check_checkpoint_argument(args.checkpoint)
     except ConfigError as exc:
         return cli.fail("eval", exc)
     e = config.evaluation
@@ -95,30 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     # ---- load: eval set, grader pool, engine (the model itself comes with the first checkpoint) ----
     try:
         eval_set = load_eval_set(e, config.data.prompt_template)
-    except DatasetError as exc:
+        template_text = load_prompt_template(config.data.prompt_template)
+        check_store(Layout.of(config))  # before the engine: no evaluation is spent on a store that cannot take it
+    except (DatasetError, ConfigError) as exc:
         return cli.fail("eval", exc)
-    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, stop=tuple(e.stop),
-                        seed=e.seed)
-    worker_id = e.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    grader = Grader(workers=e.grading_workers)
-    layout = Layout.of(config)
-    ctx = Context(config=config, layout=layout, device=device, eval_set=eval_set, sampling=sampling,
-                  eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
-                  worker_id=worker_id, engine=make_engine(config, device), grader=grader, stop=stop,
-                  trackers=Trackers(config, worker_id, layout.eval_logs / "eval_metrics.jsonl"))
+    ctx = build_context(config, device, stop, eval_set, template_text, args.retry_failed)
     add_keep_up_subset(ctx)
-    logger.info("eval worker %s: engine %s on %s, eval key %s, store %s", worker_id, e.engine, device,
-                ctx.eval_key, layout.store)
+    logger.info("eval worker %s: engine %s on %s, eval key %s, store %s", ctx.worker_id, e.engine, device,
+                ctx.eval_key, ctx.layout.store)
+    grader = ctx.grader
 
     # ---- work, then clean up on every path ----
     try:
+        reconcile_at_start(ctx)
         grader.start()
         if args.checkpoint:
-            return evaluate_single(ctx, args.checkpoint)
+            return evaluate_single(ctx, args.checkpoint, args.run_id)
         serve(ctx, once=args.once)
         return 0
     except Shutdown:
         return 0
+    except EnvironmentGaveUp as exc:
+        logger.error("%s", exc)
+        return ENVIRONMENT_EXIT_CODE
     except GraderError as exc:
         logger.error("the grading pool does not work: %s", exc)
         return 1
@@ -128,6 +146,25 @@ def main(argv: list[str] | None = None) -> int:
         ctx.engine.close()
         ctx.trackers.finish()
         logger.info("stopped")
+
+
+def build_context(config: Config, device: str, stop: StopSignal, eval_set: EvalSet, template_text: str,
+                  retry_failed: bool) -> Context:
+    """The loop's state: sampling, engine (no model yet), grader pool (not started), eval key and fingerprint."""
+    e = config.evaluation
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_tokens, stop=tuple(e.stop),
+                        seed=e.seed)
+    worker_id = e.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    layout = Layout.of(config)
+    engine = make_engine(config, device)
+    engine.interrupt = stop.check  # the flag path of shutdown, inside the generation loop
+    keyed = keyed_inputs(config, template_text, eval_set.examples, engine.name, engine.dtype)
+    return Context(config=config, layout=layout, device=device, eval_set=eval_set, sampling=sampling,
+                   eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed, keyed),
+                   worker_id=worker_id, engine=engine, grader=Grader(workers=e.grading_workers), stop=stop,
+                   trackers=Trackers(config, worker_id, layout.eval_logs / "eval_metrics.jsonl"),
+                   fingerprint=fingerprint(keyed, sampling.as_dict(), engine.name, device),
+                   template_text=template_text, retry_failed=retry_failed)
 
 
 EXAMPLES = """examples:
@@ -149,10 +186,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--checkpoint", metavar="PATH_OR_HUB_ID", help="evaluate one model directory or hub id, then exit")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="start N worker processes on one queue (devices from evaluation.devices)")
+    parser.add_argument("--run-id", default="", help="with --checkpoint: the run id to record it under "
+                        "(default: its sidecar's run, else its resolved directory or hub id)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="evaluate checkpoints whose evaluation is recorded as failed again")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --once
     if args.workers < 0 or (args.workers and args.checkpoint):
         parser.error("--workers takes N >= 1 and does not go with --checkpoint")
+    if args.run_id and not args.checkpoint:
+        parser.error("--run-id names the model of --checkpoint; use it with --checkpoint")
     return args
+
+
+def check_checkpoint_argument(model: str | None) -> None:
+    if model and is_local(model) and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"--checkpoint {model}: no such model directory; pass a Hugging Face model directory "
+                          f"or a hub id")
+
+
+def reconcile_at_start(ctx: Context) -> None:
+    """Complete what a kill after a store commit left undone (markers, metrics); remove leftovers."""
+    def log_metrics(row: dict) -> None:
+        checkpoint = Checkpoint(run_id=row["run_id"], step=row["step"], path=Path(row["checkpoint_path"] or ""),
+                                run_dir=None)
+        ctx.trackers.log(_wandb_group(ctx, checkpoint), wandb_metrics(row, {}), row["step"])
+
+    try:
+        reconcile(ctx.layout, ctx.worker_id, log_metrics)
+    except StoreError as exc:  # busy past its retry budget: the next start tries again
+        logger.warning("start-up reconcile skipped: %s", exc)
 
 
 def resolve_device(e: EvaluationConfig) -> str:
@@ -265,7 +327,7 @@ def pending_work(ctx: Context, warn: WarnOnce) -> tuple[list[Work], int]:
     e = ctx.config.evaluation
     published = scan_published(ctx.layout.checkpoints, warn)
     try:
-        recorded = recorded_keys(ctx.layout.store)
+        recorded = recorded_keys(ctx.layout.store, statuses=("ok",) if ctx.retry_failed else ("ok", "failed"))
     except StoreError as exc:  # the store is busy or unreadable now; the next scan tries again
         logger.warning("cannot read the store (%s); retrying in %.0f s", exc, e.reconcile_interval_s)
         return [], 0
@@ -281,7 +343,8 @@ def add_keep_up_subset(ctx: Context) -> None:
         if e.schedule == "keep_up" else None
     if subset is not None:
         ctx.subset_set = subset
-        ctx.subset_key = eval_key(subset.name, ctx.sampling.as_dict(), e.num_eval_samples, e.seed)
+        keyed = keyed_inputs(ctx.config, ctx.template_text, subset.examples, ctx.engine.name, ctx.engine.dtype)
+        ctx.subset_key = eval_key(subset.name, ctx.sampling.as_dict(), e.num_eval_samples, e.seed, keyed)
         logger.info("schedule keep_up: quick evaluations on %d of %d problems (eval key %s) while behind",
                     len(subset.examples), len(ctx.eval_set.examples), ctx.subset_key)
 
@@ -305,40 +368,58 @@ def _recorded_meanwhile(ctx: Context, checkpoint: Checkpoint) -> bool:
         return False
 
 
-def evaluate_single(ctx: Context, model: str) -> int:
-    if is_local(model) and not Path(model).expanduser().is_dir():
-        return cli.fail("eval", f"--checkpoint {model}: no such model directory; "
-                                "pass a Hugging Face model directory or a hub id")
-    checkpoint = checkpoint_from_argument(model)
-    if is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key):
-        logger.info("%s (run %s step %d) is already recorded for %s; nothing to do", model, checkpoint.run_id,
-                    checkpoint.step, ctx.eval_key)
+def evaluate_single(ctx: Context, model: str, run_id: str = "") -> int:
+    checkpoint = checkpoint_from_argument(model, run_id)
+    statuses = ("ok",) if ctx.retry_failed else ("ok", "failed")
+    if (checkpoint.run_id, checkpoint.step, ctx.eval_key) in recorded_keys(ctx.layout.store, statuses=statuses):
+        logger.info("%s (run %s step %d) is already recorded for %s; nothing to do%s", model, checkpoint.run_id,
+                    checkpoint.step, ctx.eval_key, "" if ctx.retry_failed else " (--retry-failed evaluates a failed one again)")
         return 0
     return 0 if evaluate_guarded(ctx, checkpoint) else 1
 
 
 def evaluate_guarded(ctx: Context, checkpoint: Checkpoint) -> bool:
-    """evaluate_checkpoint, turning a failure to record into one log line and a retry on restart."""
+    """evaluate_with_retries, turning a failure to record into one log line and a retry on restart."""
     try:
-        return evaluate_checkpoint(ctx, checkpoint)
+        return evaluate_with_retries(ctx, checkpoint)
     except (StoreError, OSError) as exc:  # store locked past its retry budget, disk full: not the checkpoint's fault
-        logger.error("run %s step %d was evaluated but could not be recorded (%s: %s); it is retried when the "
-                     "daemon restarts", checkpoint.run_id, checkpoint.step, type(exc).__name__, exc)
+        logger.error("run %s step %d was evaluated but could not be recorded in the store (%s: %s); nothing of it "
+                     "is stored, it is evaluated again when the daemon restarts", checkpoint.run_id, checkpoint.step,
+                     type(exc).__name__, exc)
         ctx.deferred.add((checkpoint.run_id, checkpoint.step))
         return False
+    finally:
+        if ctx.retry_failed:  # once per process: a checkpoint that fails again stays failed
+            ctx.deferred.add((checkpoint.run_id, checkpoint.step))
+
+
+def evaluate_with_retries(ctx: Context, checkpoint: Checkpoint) -> bool:
+    """evaluate_checkpoint; a failure of the machine is retried with backoff (the engine started
+    anew), never recorded; after the last try, EnvironmentGaveUp."""
+    e = ctx.config.evaluation
+    for attempt in range(1, e.environment_retries + 1):
+        try:
+            return evaluate_checkpoint(ctx, checkpoint)
+        except EnvironmentFailure as exc:
+            ctx.engine.close()  # whatever state it is in, the next try starts it anew
+            if attempt == e.environment_retries:
+                raise EnvironmentGaveUp(
+                    f"run {checkpoint.run_id} step {checkpoint.step}: the machine failed the evaluation "
+                    f"{attempt} time(s) ({exc}); nothing was recorded; fix the environment and restart bin/eval "
+                    f"(or raise evaluation.environment_retries)") from exc
+            delay = e.retry_backoff_s * 2 ** (attempt - 1)
+            logger.warning("run %s step %d: %s; not the checkpoint's fault, not recorded; try %d of %d in %.0f s",
+                           checkpoint.run_id, checkpoint.step, exc, attempt + 1, e.environment_retries, delay)
+            ctx.stop.sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
     """Load, evaluate and record one checkpoint; True when it was evaluated (False: recorded as failed)."""
-    e = ctx.config.evaluation
     started_at, started = now_iso(), time.perf_counter()
     logger.info("evaluating run %s step %d (%s)", checkpoint.run_id, checkpoint.step, checkpoint.path)
     try:
-        with ctx.stop.abortable():
-            ctx.engine.load(str(checkpoint.path))
-            result = run_evaluation(ctx.engine, ctx.eval_set, ctx.sampling, ctx.grader, e.grading_timeout_s,
-                                    ctx.config.logging.progress_bar, ctx.device)
-            _test_delay()
+        result = generate_and_grade(ctx, checkpoint)
     except CheckpointLoadError as exc:
         logger.error("run %s step %d failed to load: %s; recorded as failed, continuing", checkpoint.run_id,
                      checkpoint.step, exc)
@@ -355,16 +436,59 @@ def evaluate_checkpoint(ctx: Context, checkpoint: Checkpoint) -> bool:
                        checkpoint.run_id, checkpoint.step)
         return True
     row = evaluation_row(ctx, checkpoint, started_at, result=result, total_s=time.perf_counter() - started)
-    write_eval_files(ctx.layout.eval_logs, ctx.layout.analysis, checkpoint.step, file_timestamp(), _file_header(row),
-                     result.samples, result.metrics, result.timings)
+    header = _file_header(row)
+    files = write_eval_files(ctx.layout.eval_logs, checkpoint.step, file_timestamp(), ctx.worker_id, header,
+                             result.samples, result.metrics, result.timings)
     if not commit_and_mark(ctx.layout.store, row, result.samples, checkpoint.run_dir):
         logger.warning("run %s step %d was recorded by another worker meanwhile; this result is not stored",
                        checkpoint.run_id, checkpoint.step)
+        for path in files:
+            path.unlink(missing_ok=True)
         return True
     _log_result(checkpoint, result, row)
+    finish_recording(ctx, checkpoint, result, header, files)
+    return True
+
+
+def finish_recording(ctx: Context, checkpoint: Checkpoint, result: EvalResult, header: dict, files: list[Path]) -> None:
+    """What follows the store commit: eval log names, analysis files, metrics. The evaluation is
+    stored already, so a failure here is reported as exactly that (the start-up reconcile completes it)."""
+    try:
+        commit_eval_files(files)
+        write_analysis_files(ctx.layout.analysis, checkpoint.step, header, result.samples, result.metrics)
+    except OSError as exc:  # results filesystem full: the store holds the evaluation regardless
+        logger.error("run %s step %d is recorded in the store, but its eval log / analysis files could not be "
+                     "written (%s)", checkpoint.run_id, checkpoint.step, exc)
     prefix = "eval_subset" if ctx.subset_key and ctx.eval_key == ctx.subset_key else "eval"
     ctx.trackers.log(_wandb_group(ctx, checkpoint), wandb_metrics(result.metrics, result.gpu, prefix), checkpoint.step)
-    return True
+    try:
+        mark_tracked(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key)
+    except (StoreError, OSError) as exc:  # the metrics went out; the next start may send them once more
+        logger.warning("run %s step %d: metrics logged, but the store could not note it (%s)", checkpoint.run_id,
+                       checkpoint.step, exc)
+
+
+def generate_and_grade(ctx: Context, checkpoint: Checkpoint) -> EvalResult:
+    """The abortable part of an evaluation; the stop flag is checked at every phase boundary (the
+    signal's exception is only the fast path: eval_daemon/shutdown.py). A failure of the machine
+    (anything but a bad checkpoint, a shutdown or a broken grading pool) is an EnvironmentFailure."""
+    e = ctx.config.evaluation
+    try:
+        with ctx.stop.abortable():
+            ctx.engine.load(str(checkpoint.path))
+            ctx.stop.check()
+            result = run_evaluation(ctx.engine, ctx.eval_set, ctx.sampling, ctx.grader, e.grading_timeout_s,
+                                    ctx.config.logging.progress_bar, ctx.device)
+            ctx.stop.check()
+            _test_delay()
+    except (CheckpointLoadError, EnvironmentFailure, GraderError, Shutdown):
+        raise
+    # torch.OutOfMemoryError and CUDA/driver errors are RuntimeErrors; MemoryError: host memory;
+    # ConnectionError/TimeoutError: the network. None of them says anything about the checkpoint.
+    except (RuntimeError, MemoryError, ConnectionError, TimeoutError) as exc:
+        raise EnvironmentFailure(f"{type(exc).__name__}: {first_line(exc)}") from exc
+    ctx.stop.check()
+    return result
 
 
 def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result: EvalResult | None = None,
@@ -379,6 +503,7 @@ def evaluation_row(ctx: Context, checkpoint: Checkpoint, started_at: str, result
         "engine": ctx.engine.name, "sampling": ctx.sampling.as_dict(), "config": to_dict(ctx.config),
         "published_at": checkpoint.published_at or None, "started_at": started_at, "finished_at": now_iso(),
         "worker_id": ctx.worker_id, "run_config": sidecar.config if sidecar else None, "checkpoint_metrics": checkpoint.metrics,
+        "engine_version": ctx.fingerprint.get("engine_version"), "fingerprint": ctx.fingerprint,
     }
     if result is not None:
         row.update(result.metrics)

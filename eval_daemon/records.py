@@ -1,16 +1,21 @@
 """Writing one finished evaluation: per-example log, summaries, the DuckDB commit, the marker, W&B.
 
 Order, so that a crash at any point leaves nothing half-written and nothing recorded twice:
-1. files, each written to a temporary name and renamed into place (readers never see half a file):
-   results/eval_logs/eval_step_<N>_<ts>.jsonl          one line per example
-   results/eval_logs/summary_eval_step_<N>_<ts>.json   eval_step, counts, accuracy, ... , timings
+1. the eval log files, each written to a temporary name and renamed into place (readers never see
+   half a file), under names that say they are not committed yet:
+   results/eval_logs/eval_step_<N>_<ts>.<worker>.uncommitted.jsonl          one line per example
+   results/eval_logs/summary_eval_step_<N>_<ts>.<worker>.uncommitted.json   eval_step, counts, accuracy, ..., timings
+2. the store commit (common/store/writer.py record_evaluation: one transaction): the point of truth. A crash
+   before it means the checkpoint is evaluated again on restart; the start-up (eval_daemon/startup.py)
+   deletes the uncommitted files of a dead attempt.
+3. the eval log files renamed to their committed names (eval_step_<N>_<ts>.jsonl,
+   summary_eval_step_<N>_<ts>.json) and the analysis files written:
    results/analysis/summary_step_<N>.json              categorization, metrics, format_failure_analysis
    results/analysis/categories_step_<N>.json           the problems in each category
-2. the store commit (common/store/writer.py record_evaluation: one transaction): the point of truth. A crash
-   before it means the checkpoint is evaluated again on restart (its files from the crashed attempt
-   stay, with their own timestamp; the analysis files are overwritten).
-3. the marker (common/contract.py mark_evaluated) that lets the trainer's retention delete the step.
-4. W&B / local metrics (best effort: a failure there never loses the evaluation).
+4. the marker (common/contract.py mark_evaluated) that lets the trainer's retention delete the step.
+5. W&B / local metrics (best effort: a failure there never loses the evaluation), then the row's tracked_at.
+A crash after 2 and before 5 is completed by the start-up reconcile (eval_daemon/startup.py):
+renames, marker and metrics, exactly once.
 
 N is the checkpoint's training step. The analysis files are per step: two runs evaluated into the
 same results/ directory overwrite each other's (the store and the eval_logs keep both).
@@ -21,11 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
-from common.durable import atomic_write_json, atomic_write_text
+from common.durable import atomic_write_json, atomic_write_text, fsync_dir
 from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
 
 logger = logging.getLogger(__name__)
@@ -40,22 +46,44 @@ def file_timestamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def write_eval_files(logs_dir: Path, analysis_dir: Path, step: int, stamp: str, header: dict,
-                     samples: list[dict], metrics: dict, timings: dict) -> list[Path]:
-    """Write the four files of one evaluation atomically; returns their paths."""
-    logs_dir, analysis_dir = Path(logs_dir), Path(analysis_dir)
+UNCOMMITTED = ".uncommitted"
+
+
+def write_eval_files(logs_dir: Path, step: int, stamp: str, worker_id: str, header: dict, samples: list[dict],
+                     metrics: dict, timings: dict) -> list[Path]:
+    """Step 1: the eval log and its summary, atomically, under uncommitted names; returns their paths."""
+    logs_dir = Path(logs_dir)
     logs_dir.mkdir(parents=True, exist_ok=True)
+    keys = {k: header[k] for k in ("run_id", "step", "eval_key")}
+    log_path = logs_dir / f"eval_step_{step}_{stamp}.{worker_id}{UNCOMMITTED}.jsonl"
+    atomic_write_text(log_path, "".join(json.dumps({**keys, **s}, sort_keys=True) + "\n" for s in samples))
+    summary_path = logs_dir / f"summary_eval_step_{step}_{stamp}.{worker_id}{UNCOMMITTED}.json"
+    atomic_write_json(summary_path, {"eval_step": step, **header, **metrics, **timings})
+    return [log_path, summary_path]
+
+
+def committed_name(path: Path) -> Path:
+    """eval_step_3_<ts>.<worker>.uncommitted.jsonl -> eval_step_3_<ts>.jsonl"""
+    stem, suffix = path.name.split(".", 1)[0], path.name.rsplit(".", 1)[1]
+    return path.with_name(f"{stem}.{suffix}")
+
+
+def commit_eval_files(paths: list[Path]) -> None:
+    """Step 3, first half: the committed evaluation's eval log files get their final names."""
+    for path in paths:
+        os.replace(path, committed_name(path))
+    if paths:
+        fsync_dir(paths[0].parent)
+
+
+def write_analysis_files(analysis_dir: Path, step: int, header: dict, samples: list[dict], metrics: dict) -> None:
+    """Step 3, second half: the per-step analysis files (overwritten by a later evaluation of the step)."""
+    analysis_dir = Path(analysis_dir)
     analysis_dir.mkdir(parents=True, exist_ok=True)
     keys = {k: header[k] for k in ("run_id", "step", "eval_key")}
-    log_path = logs_dir / f"eval_step_{step}_{stamp}.jsonl"
-    atomic_write_text(log_path, "".join(json.dumps({**keys, **s}, sort_keys=True) + "\n" for s in samples))
-    summary_path = logs_dir / f"summary_eval_step_{step}_{stamp}.json"
-    atomic_write_json(summary_path, {"eval_step": step, **header, **metrics, **timings})
-    analysis_path = analysis_dir / f"summary_step_{step}.json"
-    atomic_write_json(analysis_path, analysis_summary(step, header, samples, metrics))
-    categories_path = analysis_dir / f"categories_step_{step}.json"
-    atomic_write_json(categories_path, {"eval_step": step, **keys, "categories": categories(samples)})
-    return [log_path, summary_path, analysis_path, categories_path]
+    atomic_write_json(analysis_dir / f"summary_step_{step}.json", analysis_summary(step, header, samples, metrics))
+    atomic_write_json(analysis_dir / f"categories_step_{step}.json",
+                      {"eval_step": step, **keys, "categories": categories(samples)})
 
 
 def analysis_summary(step: int, header: dict, samples: list[dict], metrics: dict) -> dict:
@@ -102,19 +130,45 @@ def wandb_metrics(metrics: dict, gpu: dict, prefix: str = "eval") -> dict:
 
 
 def commit_and_mark(store_path: Path, evaluation: dict, samples: list[dict], run_dir: Path | None) -> bool:
-    """Steps 2 and 3: the store transaction, then the retention marker. False when another worker
-    had already recorded this checkpoint for this eval key (nothing written to the store)."""
-    from common.contract import Marker, mark_evaluated
+    """Steps 2 and 4: the store transaction, then the retention marker. False when another worker
+    had already recorded this checkpoint for this eval key (nothing written to the store). A
+    marker that cannot be written (checkpoints filesystem full) is reported as what it is: the
+    evaluation IS recorded, the marker follows at the next start-up."""
     from common.store.writer import record_evaluation, record_failed_evaluation
 
     if evaluation["status"] == "ok":
         committed = record_evaluation(store_path, evaluation, samples)
     else:
         committed = record_failed_evaluation(store_path, evaluation, evaluation["error"])
+    _after_commit_test_delay()
     if run_dir is not None:
-        mark_evaluated(run_dir, Marker(step=evaluation["step"], eval_key=evaluation["eval_key"],
-                                       status=evaluation["status"], worker_id=evaluation["worker_id"]))
+        write_marker(run_dir, evaluation["step"], evaluation["eval_key"], evaluation["status"], evaluation["worker_id"])
     return committed
+
+
+AFTER_COMMIT_DELAY_ENV = "MATHSFT_TEST_AFTER_COMMIT_DELAY_S"
+
+
+def _after_commit_test_delay() -> None:
+    """Test hook: sleep between the store commit and the marker, so the fault suite can kill there."""
+    delay = float(os.environ.get(AFTER_COMMIT_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        logger.info("test hook %s: sleeping %.1f s after the store commit", AFTER_COMMIT_DELAY_ENV, delay)
+        time.sleep(delay)
+
+
+def write_marker(run_dir: Path, step: int, key: str, status: str, worker_id: str) -> bool:
+    """The retention marker; False (one ERROR line) when the checkpoints filesystem refuses it."""
+    from common.contract import Marker, mark_evaluated
+
+    try:
+        mark_evaluated(run_dir, Marker(step=step, eval_key=key, status=status, worker_id=worker_id))
+        return True
+    except OSError as exc:  # disk full or read-only checkpoints filesystem: the store already holds the result
+        logger.error("step %d of %s is recorded in the store, but its retention marker could not be written (%s); "
+                     "the daemon writes it at its next start (until then retention keeps the checkpoint)",
+                     step, run_dir, exc)
+        return False
 
 
 class Trackers:

@@ -1,8 +1,11 @@
 """SIGTERM and Ctrl-C (SIGINT) take one shutdown path in `bin/eval`.
 
-The handler only sets a flag, except inside an abortable section (loading a model, generating,
-grading, scoring entropy): there it raises Shutdown, so a long evaluation stops at once and is
-abandoned. Nothing of an evaluation is written until its recording phase, which is not abortable:
+The handler sets a flag, and inside an abortable section (loading a model, generating, grading,
+scoring entropy) also raises Shutdown, so a long evaluation stops at once and is abandoned. That
+asynchronous exception is only the fast path: Python discards an exception raised while a
+`__del__` or a weakref callback runs, so the flag is checked as well (`check()`) at every phase
+boundary of an evaluation and inside the engines' generation loops (per batch, per finished
+request). Nothing of an evaluation is written until its recording phase, which is not abortable:
 a signal during it lets the recording finish (well under a second) and stops afterwards.
 Used by eval_daemon/__main__.py.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,19 @@ class StopSignal:
         if self._abortable:
             self._abortable = False
             raise Shutdown(name)
+
+    def check(self) -> None:
+        """Raise Shutdown when a stop was requested (the flag path; see the module docstring)."""
+        if self.requested:
+            raise Shutdown("stop requested")
+
+    def sleep(self, seconds: float) -> None:
+        """Wait up to `seconds`, returning early (with Shutdown) when a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.check()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        self.check()
 
     @contextlib.contextmanager
     def abortable(self) -> Iterator[None]:

@@ -71,3 +71,14 @@ def require_vllm():
         if os.environ.get("MATHSFT_REQUIRE_VLLM") == "1":
             pytest.fail(f"vLLM is required in CI but does not import: {exc}")
         pytest.skip("vllm is not installed")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's counts (tests/test_faults.py), when it ran."""
+    import sys
+
+    tally = sys.modules.get("fault_tally")
+    if tally is not None and tally.TALLY:
+        terminalreporter.section("fault suite: tried / passed per fault")
+        for line in tally.report():
+            terminalreporter.write_line(line)

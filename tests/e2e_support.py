@@ -22,7 +22,8 @@ from common.store.schema import StoreMissingError, connect_read_only
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / "config" / "demo.yaml")
-TEST_HOOKS = ("MATHSFT_TEST_PUBLISH_DELAY_S", "MATHSFT_TEST_PUBLISH_DELAY_FROM_STEP", "MATHSFT_TEST_EVAL_DELAY_S")
+TEST_HOOKS = ("MATHSFT_TEST_PUBLISH_DELAY_S", "MATHSFT_TEST_PUBLISH_DELAY_FROM_STEP", "MATHSFT_TEST_EVAL_DELAY_S",
+              "MATHSFT_TEST_AFTER_COMMIT_DELAY_S")
 # Small enough to train and evaluate in seconds; head_dim stays 32 (hidden 64, 2 heads).
 TEST_INPUTS = DemoInputs(train_problems=64, test_problems=6, hidden_size=64, num_layers=1)
 

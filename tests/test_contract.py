@@ -93,9 +93,8 @@ def test_stale_temp_dirs_are_removed(tmp_path):
 @pytest.mark.parametrize("content, reason", [
     ("{not json", "unreadable manifest"),
     (json.dumps({"schema_version": 99, "run_id": "r", "checkpoints": []}), "schema_version"),
-    (json.dumps({"schema_version": 1, "run_id": "r", "checkpoints": [{"step": 1}]}), "does not follow the schema"),
-    (json.dumps({"schema_version": 1, "run_id": "r", "checkpoints": [
-        {"step": 1, "path": "../etc", "published_at": "t"}]}), "expected 'step_000001'"),
+    (json.dumps({"schema_version": 1, "run_id": "r", "checkpoints": {"step": 1}}), "does not follow the schema"),
+    (json.dumps({"schema_version": 1, "run_id": "r\nINFO forged", "checkpoints": []}), "may hold only letters"),
 ])
 def test_bad_manifests_raise_one_line_errors(tmp_path, content, reason):
     (tmp_path / MANIFEST_NAME).write_text(content)
@@ -104,22 +103,68 @@ def test_bad_manifests_raise_one_line_errors(tmp_path, content, reason):
     assert "\n" not in str(info.value)
 
 
-def test_the_trainer_starts_a_new_manifest_over_a_corrupt_one(tmp_path):
+def test_bad_manifest_entries_are_left_out_and_the_good_ones_kept(tmp_path):
+    """Item 7: a step >= 2^63, a negative or boolean step, a path out of the run directory or of
+    the wrong shape is one rejected entry; the entries around it stay."""
+    good = {"step": 5, "path": "step_000005", "published_at": "t"}
+    bad = [{"step": 2**63, "path": "step_9223372036854775808", "published_at": "t"},
+           {"step": -1, "path": "step_-00001", "published_at": "t"}, {"step": True, "path": "x", "published_at": "t"},
+           {"step": 1, "path": "../etc", "published_at": "t"}, {"step": 1}, "junk"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "run_id": "r", "checkpoints": [*bad, good]}))
+    manifest = read_manifest(tmp_path)
+    assert manifest.steps() == [5]
+    assert len(manifest.rejected) == len(bad) and all("\n" not in r for r in manifest.rejected)
+
+
+def _real_checkpoint(run_dir, step, tiny_model_dir, run_id="run1"):
+    import shutil
+
+    path = run_dir / step_dir_name(step)
+    shutil.copytree(tiny_model_dir, path)
+    write_sidecar(path, Sidecar(run_id=run_id, step=step, metrics={"train_loss": 0.5}))
+    return path
+
+
+def test_a_corrupt_manifest_is_rebuilt_from_the_complete_step_directories(tmp_path, tiny_model_dir, caplog):
+    """Item 3: steps complete on disk survive a torn manifest; incomplete or foreign ones do not come back."""
+    for step in (0, 50):
+        _real_checkpoint(tmp_path, step, tiny_model_dir)
+    torn = _real_checkpoint(tmp_path, 100, tiny_model_dir)
+    (torn / "model.safetensors").write_bytes((torn / "model.safetensors").read_bytes()[:1000])
+    _real_checkpoint(tmp_path, 150, tiny_model_dir, run_id="another_run")
+    (tmp_path / "step_000200").mkdir()  # an empty directory
     (tmp_path / MANIFEST_NAME).write_text("{torn")
-    assert load_or_new_manifest(tmp_path, "run1").checkpoints == []
-    _publish(tmp_path, 10)
-    assert read_manifest(tmp_path).steps() == [10]
+    with caplog.at_level("WARNING", logger="common.contract"):
+        manifest = load_or_new_manifest(tmp_path, "run1")
+    assert manifest.steps() == [0, 50]
+    assert read_manifest(tmp_path).steps() == [0, 50]  # written at once: the eval daemon sees it now
+    assert manifest.checkpoints[1].metrics == {"train_loss": 0.5}
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
 
 
-def test_retention_deletes_only_old_evaluated_checkpoints(tmp_path):
-    for step in (0, 50, 100, 150):
+@pytest.mark.timeout(30)
+def test_a_fifo_under_a_contract_name_is_an_error_not_a_hang(tmp_path):
+    """Item 8: reading manifest.json, checkpoint.json or a marker never blocks on a FIFO."""
+    os.mkfifo(tmp_path / MANIFEST_NAME)
+    with pytest.raises(ManifestError, match="not a regular file"):
+        read_manifest(tmp_path)
+    (tmp_path / "step_000001").mkdir()
+    os.mkfifo(tmp_path / "step_000001" / SIDECAR_NAME)
+    with pytest.raises(ManifestError, match="not a regular file"):
+        read_sidecar(tmp_path / "step_000001")
+
+
+def test_retention_deletes_only_old_successfully_evaluated_checkpoints(tmp_path):
+    for step in (0, 50, 100, 150, 200):
         _publish(tmp_path, step)
     mark_evaluated(tmp_path, Marker(step=0, eval_key="math-abc", status="ok"))
-    mark_evaluated(tmp_path, Marker(step=100, eval_key="math-abc", status="ok"))
-    assert is_evaluated(tmp_path, 0) and not is_evaluated(tmp_path, 50)
+    mark_evaluated(tmp_path, Marker(step=50, eval_key="math-abc", status="failed"))  # item 6: kept for a retry
+    mark_evaluated(tmp_path, Marker(step=150, eval_key="math-abc", status="ok"))
+    assert is_evaluated(tmp_path, 0) and not is_evaluated(tmp_path, 100)
+    assert is_evaluated(tmp_path, 50) and not is_evaluated(tmp_path, 50, ok_only=True)
     deleted = apply_retention(tmp_path, keep_last=2)
-    assert deleted == [0]  # 50 is not evaluated yet; 100 and 150 are the newest two
-    assert read_manifest(tmp_path).steps() == [50, 100, 150]
+    assert deleted == [0]  # 50 failed, 100 is not evaluated yet; 150 and 200 are the newest two
+    assert read_manifest(tmp_path).steps() == [50, 100, 150, 200]
     assert not (tmp_path / "step_000000").exists() and (tmp_path / "step_000050").exists()
     assert apply_retention(tmp_path, keep_last=0) == []
 

@@ -219,10 +219,15 @@ def test_checkpoint_argument_evaluates_one_model_and_exits(tmp_path, tiny_model_
     db = tmp_path / "results" / "results.duckdb"
     code, log = run_daemon(tmp_path, daemon_args(math_dir, "--checkpoint", str(tiny_model_dir)))
     assert code == 0, log
-    assert evaluations(db) == [(tiny_model_dir.name, 0, "ok", 7)]
+    assert evaluations(db) == [(str(tiny_model_dir.resolve()), 0, "ok", 7)]
     with connect_read_only(db) as con:
         engine, method, size = con.execute("SELECT engine, entropy_method, entropy_sample_size FROM evaluations").fetchone()
     assert (engine, method, size) == ("hf", "hf_forward_full_vocab", 3)
+    with connect_read_only(db) as con:  # issue 14 item 4: what moved the number, stored with it
+        printed = con.execute("SELECT engine_version, grader, grader_version, dtype, max_model_len, device, "
+                              "deterministic_scheduling, length(problems_sha256), length(prompt_template_sha256) "
+                              "FROM fingerprints").fetchone()
+    assert printed[0].startswith("transformers==") and printed[1:] == ("mathsft", "1", "float32", 512, "cpu", True, 64, 64)
     code, log = run_daemon(tmp_path, daemon_args(math_dir, "--checkpoint", str(tiny_model_dir)))
     assert code == 0 and "already recorded" in log
     assert len(evaluations(db)) == 1
@@ -231,7 +236,7 @@ def test_checkpoint_argument_evaluates_one_model_and_exits(tmp_path, tiny_model_
     (broken / "config.json").unlink()
     code, log = run_daemon(tmp_path, daemon_args(math_dir, "--checkpoint", str(broken)))
     assert code == 1 and "missing config.json" in log
-    assert evaluations(db) == [("broken_model", 0, "failed", 0), (tiny_model_dir.name, 0, "ok", 7)]
+    assert evaluations(db) == sorted([(str(broken.resolve()), 0, "failed", 0), (str(tiny_model_dir.resolve()), 0, "ok", 7)])
     code, log = run_daemon(tmp_path, daemon_args(math_dir, "--checkpoint", str(tmp_path / "typo")))
     assert code == 2 and "no such model directory" in log
 

@@ -23,7 +23,7 @@ from eval_daemon.engines.base import CheckpointLoadError, Generation, Sampling, 
 from eval_daemon.engines.hf import HfEngine
 from eval_daemon.entropy import entropy_from_top_logprobs, mean_entropy_from_logits, sample_indices
 from eval_daemon.evaluate import EvalSet, run_evaluation
-from eval_daemon.records import commit_and_mark, write_eval_files
+from eval_daemon.records import commit_and_mark, commit_eval_files, write_analysis_files, write_eval_files
 from eval_daemon.schedule import pending
 from eval_daemon.watcher import start_observer, stop_observer, wait_for_change
 
@@ -84,7 +84,12 @@ def test_checkpoint_from_argument(tmp_path, tiny_model_dir):
     from_run = checkpoint_from_argument(str(published))
     assert (from_run.run_id, from_run.step, from_run.run_dir) == ("run_x", 40, tmp_path / "checkpoints" / "run_x")
     plain = checkpoint_from_argument(str(tiny_model_dir))
-    assert (plain.run_id, plain.step, plain.run_dir) == (tiny_model_dir.name, 0, None)
+    assert (plain.run_id, plain.step, plain.run_dir) == (str(tiny_model_dir.resolve()), 0, None)
+    # Item 5: two external models both called model/ get different run ids; --run-id names one.
+    other = tmp_path / "elsewhere" / tiny_model_dir.name
+    shutil.copytree(tiny_model_dir, other)
+    assert checkpoint_from_argument(str(other)).run_id != plain.run_id
+    assert checkpoint_from_argument(str(other), run_id="baseline").run_id == "baseline"
     hub = checkpoint_from_argument("Qwen/Qwen2.5-Math-1.5B")
     assert (hub.run_id, hub.step, str(hub.path)) == ("Qwen/Qwen2.5-Math-1.5B", 0, "Qwen/Qwen2.5-Math-1.5B")
 
@@ -236,10 +241,16 @@ def test_evaluation_categories_files_and_store(tmp_path, math_dir):
     assert m["avg_response_length_incorrect"] == pytest.approx(sum(lengths[3:]) / 4)
 
     header = {"run_id": "r", "step": 50, "eval_key": "k1", "eval_set": "math", "checkpoint_path": "/c"}
-    paths = write_eval_files(tmp_path / "eval_logs", tmp_path / "analysis", 50, "20260101T000000Z", header,
-                             result.samples, result.metrics, result.timings)
-    assert [p.name for p in paths] == ["eval_step_50_20260101T000000Z.jsonl", "summary_eval_step_50_20260101T000000Z.json",
-                                       "summary_step_50.json", "categories_step_50.json"]
+    paths = write_eval_files(tmp_path / "eval_logs", 50, "20260101T000000Z", "w1", header, result.samples,
+                             result.metrics, result.timings)
+    assert [p.name for p in paths] == ["eval_step_50_20260101T000000Z.w1.uncommitted.jsonl",
+                                       "summary_eval_step_50_20260101T000000Z.w1.uncommitted.json"]
+    commit_eval_files(paths)  # after the store commit
+    write_analysis_files(tmp_path / "analysis", 50, header, result.samples, result.metrics)
+    paths = [tmp_path / "eval_logs" / "eval_step_50_20260101T000000Z.jsonl",
+             tmp_path / "eval_logs" / "summary_eval_step_50_20260101T000000Z.json",
+             tmp_path / "analysis" / "summary_step_50.json", tmp_path / "analysis" / "categories_step_50.json"]
+    assert sorted(p for p in tmp_path.rglob("*.json*") if "MATH" not in p.parts) == sorted(paths)
     lines = paths[0].read_text().splitlines()
     assert len(lines) == 7 and json.loads(lines[3])["response"] == responses[3][0]
     summary = json.loads(paths[1].read_text())
@@ -367,13 +378,13 @@ def test_hf_engine_loads_later_checkpoints_into_the_live_model(tiny_model_dir, t
     shutil.copytree(tiny_model_dir, other_arch)
     config = json.loads((other_arch / "config.json").read_text())
     (other_arch / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    # config.json now says 3 layers where the weights hold 2: no in-place copy is tried, and the full
-    # load fails with the one-line error that the daemon records (it keeps serving).
-    with pytest.raises(CheckpointLoadError, match="could not load .*arch"):
+    # config.json now says 3 layers where the weights hold 2: the check before any load fails with the
+    # one-line error that the daemon records (it keeps serving), and the live model is untouched.
+    with pytest.raises(CheckpointLoadError, match="arch.*does not describe a model"):
         engine.load(str(other_arch))
-    assert engine.model is None
+    assert engine.model is live_model
     engine.load(str(changed))
-    assert engine.last_load["kind"] == "start"
+    assert engine.last_load["kind"] == "reload"
     engine.close()
 
 

@@ -90,6 +90,9 @@ EVALUATION_COLUMNS = {
     "grading_seconds": "DOUBLE",
     "total_seconds": "DOUBLE",
     "worker_id": "VARCHAR",
+    "engine_version": "VARCHAR",  # e.g. vllm==0.32.0
+    "fingerprint": "JSON",  # what moves the number (eval_daemon/fingerprint.py); view `fingerprints`
+    "tracked_at": "TIMESTAMP",  # when its metrics went to W&B / eval_metrics.jsonl (start-up reconcile)
 }
 EVALUATION_EXTRA_KEYS = ("run_config", "checkpoint_metrics")
 REQUIRED_EVALUATION_KEYS = ("run_id", "step", "eval_key", "eval_set")
@@ -200,6 +203,18 @@ FROM evaluations WHERE status = 'ok'
 GROUP BY run_id, eval_set, eval_key
 ORDER BY run_id, eval_key""",
     ),
+    "fingerprints": (
+        "what moves each number: template and data hashes, grader, engine and version, dtype, GPU, sampling",
+        """SELECT run_id, step, eval_key, status, engine, engine_version,
+       fingerprint->>'prompt_template_sha256' AS prompt_template_sha256,
+       fingerprint->>'problems_sha256' AS problems_sha256,
+       fingerprint->>'grader' AS grader, fingerprint->>'grader_version' AS grader_version,
+       fingerprint->>'dtype' AS dtype, (fingerprint->>'max_model_len')::INTEGER AS max_model_len,
+       fingerprint->>'device' AS device, (fingerprint->>'deterministic_scheduling')::BOOLEAN AS deterministic_scheduling,
+       sampling
+FROM evaluations
+ORDER BY run_id, eval_key, step""",
+    ),
 }
 
 
@@ -226,6 +241,26 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
     if found != str(SCHEMA_VERSION):
         raise StoreError(f"{db_path} has schema version {found}, this code writes version {SCHEMA_VERSION}; "
                          f"move the file aside (or set another paths.results_dir) to start a new store")
+    _add_new_columns_and_views(con)
+
+
+def _add_new_columns_and_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Columns and views added within schema version 1 (additive only): older stores get them on
+    their next write, with NULL in the old rows."""
+    columns = {row[0] for row in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'evaluations'").fetchall()}
+    views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    added = [name for name in EVALUATION_COLUMNS if name not in columns]
+    if not added and set(VIEWS) <= views:
+        return
+    con.begin()
+    for name in added:
+        con.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {EVALUATION_COLUMNS[name]}")
+    for name, (description, select) in VIEWS.items():
+        if name not in views:
+            con.execute(f"CREATE VIEW {name} AS {select}")
+            con.execute("INSERT INTO view_descriptions VALUES (?, ?) ON CONFLICT DO NOTHING", [name, description])
+    con.commit()
 
 
 # ---- connections ---------------------------------------------------------------------------------

@@ -40,10 +40,14 @@ def _normalise(value: Any) -> Any:
     return str(value)
 
 
-def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int) -> str:
-    """Short stable id of an eval config, e.g. 'math-t1.0-p1.0-m1024-3f9c0a1b' (safe in file names)."""
+def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int, keyed: dict | None = None) -> str:
+    """Short stable id of an eval config, e.g. 'math-t1.0-p1.0-m1024-3f9c0a1b' (safe in file names).
+
+    The hash covers every input that changes a number: eval set, sampling, subset and seed, plus
+    `keyed` (eval_daemon/fingerprint.py: prompt template and problems hashes, grader and version,
+    engine, dtype, max_model_len, entropy subsample size)."""
     canonical = json.dumps(_normalise({"eval_set": eval_set, "sampling": sampling,
-                                       "num_eval_samples": num_eval_samples, "seed": seed}),
+                                       "num_eval_samples": num_eval_samples, "seed": seed, **(keyed or {})}),
                            sort_keys=True, separators=(",", ":"))
     parts = [re.sub(r"[^A-Za-z0-9_]+", "_", eval_set) or "eval"]
     for prefix, name in (("t", "temperature"), ("p", "top_p")):
@@ -67,15 +71,37 @@ def is_stratified_subset(eval_set: str) -> bool:
     return re.search(r"-strat\d+$", eval_set) is not None
 
 
-def recorded_keys(db_path: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> set[tuple[str, int, str]]:
-    """(run_id, step, eval_key) of every recorded evaluation, ok or failed; empty when no store yet."""
+def recorded_keys(db_path: str | Path, timeout_s: float = LOCK_TIMEOUT_S,
+                  statuses: tuple[str, ...] = ("ok", "failed")) -> set[tuple[str, int, str]]:
+    """(run_id, step, eval_key) of every recorded evaluation with one of `statuses`; empty when no store yet."""
     if not Path(db_path).exists():
         return set()
     with connect_read_only(db_path, timeout_s) as con:
         if not _has_schema(con):
             return set()
-        rows = con.execute("SELECT run_id, step, eval_key FROM evaluations").fetchall()
+        rows = con.execute("SELECT run_id, step, eval_key FROM evaluations WHERE list_contains(?, status)",
+                           [list(statuses)]).fetchall()
     return {(run_id, int(step), key) for run_id, step, key in rows}
+
+
+def committed_evaluations(db_path: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> list[dict]:
+    """Every stored evaluation with what the start-up reconcile needs (marker, metrics record)."""
+    if not Path(db_path).exists():
+        return []
+    with connect_read_only(db_path, timeout_s) as con:
+        if not _has_schema(con):
+            return []
+        cursor = con.execute("SELECT * FROM evaluations ORDER BY run_id, step, eval_key")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def mark_tracked(db_path: str | Path, run_id: str, step: int, key: str,
+                 timeout_s: float = WRITE_LOCK_TIMEOUT_S) -> None:
+    """Note that an evaluation's metrics went to W&B / eval_metrics.jsonl (so reconcile does not resend)."""
+    with _connect_for_write(Path(db_path), timeout_s) as con:
+        con.execute("UPDATE evaluations SET tracked_at = ? WHERE run_id = ? AND step = ? AND eval_key = ?",
+                    [_utc_now(), run_id, step, key])
 
 
 def is_recorded(db_path: str | Path, run_id: str, step: int, eval_key: str,
@@ -151,7 +177,7 @@ def _evaluation_row(evaluation: dict, status: str, error: str | None) -> dict[st
         raise StoreError(f"evaluation['step'] = {row['step']!r} is not an integer") from None
     for key in TIME_KEYS:
         row[key] = _parse_time(key, row[key])
-    for key in ("sampling", "config"):
+    for key in ("sampling", "config", "fingerprint"):
         row[key] = _to_json(key, row[key])
     for key, value in row.items():
         if isinstance(value, float) and not math.isfinite(value):

@@ -28,7 +28,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
+
+from common.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,13 @@ ARCH_KEYS = ("architectures", "model_type", "vocab_size", "hidden_size", "interm
 
 
 class CheckpointLoadError(Exception):
-    """A model directory that cannot be loaded (one-line message naming the file and the problem)."""
+    """A model directory that cannot be loaded (one-line message naming the file and the problem):
+    a failure of the checkpoint itself, recorded as its result."""
+
+
+class EnvironmentFailure(Exception):
+    """The machine, not the checkpoint, failed (out of memory, driver, network, the engine did not
+    start): retried with backoff, never recorded as the checkpoint's result."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +73,16 @@ class Generation:
     token_entropy: float | None = None  # mean token entropy, for the rows generate() was asked to score
 
 
+def no_interrupt() -> None:
+    """The default `GenerationEngine.interrupt`: nothing stops generation early."""
+
+
 class GenerationEngine(Protocol):
     name: str
     entropy_method: str
+    # Called inside the generation loop (per batch, per finished request); raises to abandon it
+    # (bin/eval sets its StopSignal.check here).
+    interrupt: Callable[[], None]
 
     def load(self, model_path: str) -> None:
         """Make model_path the model that generate() uses; raise CheckpointLoadError when it cannot."""
@@ -92,21 +107,27 @@ def is_local(model_path: str) -> bool:
 
 
 def check_model_dir(model_path: str) -> None:
-    """Fail fast, in one line, on a local model directory that cannot be a safetensors HF model.
+    """Fail fast, in one line, on a local model directory that cannot be a safetensors HF model:
+    a file that is not regular (a FIFO would block the first read forever), no or a bad config.json,
+    no or broken safetensors, or tensors that do not match the architecture (missing, unexpected or
+    mis-shaped: an engine would fill missing ones with random weights and evaluate those).
 
     Hub ids are not checked here (the engine downloads them, with use_safetensors / load_format
     safetensors so pickled weights are never loaded).
     """
+    from common.contract import NotRegularFileError, read_regular_file
+
     if not is_local(model_path):
         return
     path = Path(model_path).expanduser()
     if not path.is_dir():
         raise CheckpointLoadError(f"{path} is not a directory")
+    _check_file_types(path)
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(read_regular_file(path / "config.json"))
     except FileNotFoundError as exc:
         raise CheckpointLoadError(f"{path}: missing config.json") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (NotRegularFileError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointLoadError(f"{path}/config.json is unreadable ({exc})") from exc
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointLoadError(f"{path}/config.json has no model_type; not a Hugging Face model config")
@@ -116,6 +137,22 @@ def check_model_dir(model_path: str) -> None:
         hint = f" (found {', '.join(pickled)}: only safetensors weights are loaded)" if pickled else ""
         raise CheckpointLoadError(f"{path}: no *.safetensors weights{hint}")
     _check_safetensors(path, weights)
+    _check_tensors(path, weights)
+
+
+def _check_file_types(path: Path) -> None:
+    import os
+    import stat
+
+    from common.contract import file_kind
+
+    for entry in sorted(path.iterdir()):
+        try:
+            mode = os.stat(entry).st_mode  # follows symlinks: what a reader would open
+        except OSError as exc:  # a dangling symlink, or a file removed under us
+            raise CheckpointLoadError(f"{entry} cannot be read ({exc.strerror})") from exc
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointLoadError(f"{entry} is {file_kind(mode)}; a checkpoint holds regular files only")
 
 
 def _check_safetensors(path: Path, weights: list[Path]) -> None:
@@ -138,6 +175,48 @@ def _check_safetensors(path: Path, weights: list[Path]) -> None:
                 handle.keys()
         except (SafetensorError, OSError) as exc:
             raise CheckpointLoadError(f"{file} is not a valid safetensors file ({exc})") from exc
+
+
+def _check_tensors(path: Path, weights: list[Path]) -> None:
+    """Every tensor the architecture needs is there with its shape, and nothing else is."""
+    import torch
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    # What transformers raises for a config it cannot build a model from (StrictDataclassError: a
+    # config.json that contradicts itself).
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        raise CheckpointLoadError(f"{path}/config.json does not describe a model transformers can build "
+                                  f"({type(exc).__name__}: {first_line(exc)})") from exc
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # tied weights under both names
+    required = {name for name, _ in model.named_parameters()}  # one name per tied weight
+    found: dict[str, tuple] = {}
+    for file in weights:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                found[key] = tuple(handle.get_slice(key).get_shape())
+    problems = []
+    missing = sorted(required - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+    if missing:
+        problems.append(f"missing tensors {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_names(unexpected)}")
+    if misshaped:
+        problems.append("mis-shaped tensors " + _names([f"{k} {found[k]} (expected {expected[k]})" for k in misshaped]))
+    if problems:
+        raise CheckpointLoadError(f"{path} does not match its config.json: {'; '.join(problems)}")
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def model_fingerprint(model_path: str) -> str | None:

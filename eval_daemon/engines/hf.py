@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import first_line
-from eval_daemon.engines.base import (CheckpointLoadError, Generation, Sampling, _warn_too_long, empty_generation,
-                                      load_reusing, score_entropy_rows, tokenizer_source)
+from eval_daemon.engines.base import (CheckpointLoadError, EnvironmentFailure, Generation, Sampling, _warn_too_long,
+                                      empty_generation, is_local, load_reusing, no_interrupt, score_entropy_rows,
+                                      tokenizer_source)
 from eval_daemon.engines.hf_decode import BatchDecoder, supported_reason
 from eval_daemon.entropy import mean_entropy_from_logits
 
@@ -47,6 +48,7 @@ class HfEngine:
         self.loop_unsupported: str | None = None  # why the loaded model is decoded with generate
         self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
         self.last_load: dict = {}
+        self.interrupt = no_interrupt  # called before every batch
 
     @property
     def loaded(self) -> bool:
@@ -76,8 +78,13 @@ class HfEngine:
                                                       trust_remote_code=False)
         # What from_pretrained raises for bad files; StrictDataclassError: a config.json that contradicts
         # itself (transformers 5 validates configs with huggingface_hub's strict dataclasses).
-        except (OSError, ValueError, RuntimeError, KeyError, StrictDataclassError) as exc:
+        except (ValueError, KeyError, StrictDataclassError) as exc:
             raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
+        except OSError as exc:  # a local file the checks passed but transformers could not read, or the hub
+            if is_local(model_path):
+                raise CheckpointLoadError(f"could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
+            raise EnvironmentFailure(f"could not fetch {model_path} from the hub ({first_line(exc)}); check the "
+                                     f"network and the hub id") from exc
         tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -135,6 +142,7 @@ class HfEngine:
         start = 0
         with tqdm(total=len(order), desc="generating (hf)", unit="prompt", disable=not progress) as bar:
             while start < len(order):
+                self.interrupt()
                 size = _even_batch_size(len(order), self.batch_size)
                 batch = order[start:start + size]
                 try:
@@ -155,8 +163,8 @@ class HfEngine:
 
         self.batch_decoder = None  # its KV buffers were sized for the old batch size
         if self.batch_size == 1:
-            raise CheckpointLoadError("out of GPU memory generating one prompt at a time; lower evaluation.max_tokens "
-                                      "or use a GPU with more memory")
+            raise EnvironmentFailure("out of GPU memory generating one prompt at a time; free the GPU (another "
+                                     "process?), lower evaluation.max_tokens or use a GPU with more memory")
         self.batch_size = max(1, self.batch_size // 2)
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

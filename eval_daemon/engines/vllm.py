@@ -14,8 +14,8 @@ import logging
 from collections.abc import Sequence
 
 from common.errors import first_line
-from eval_daemon.engines.base import (CheckpointLoadError, Generation, Sampling, _warn_too_long, empty_generation,
-                                      load_reusing, score_entropy_rows, tokenizer_source)
+from eval_daemon.engines.base import (EnvironmentFailure, Generation, Sampling, _warn_too_long, empty_generation,
+                                      load_reusing, no_interrupt, score_entropy_rows, tokenizer_source)
 from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class VllmEngine:
         self.fingerprint: str | None = None
         self.last_load: dict = {}  # {"kind": "start" | "reload", "seconds": ...} for logs and the bench
         self.entropy_seconds = 0.0  # the last generate's entropy scoring (after generation)
+        self.interrupt = no_interrupt  # called for every finished request (through vLLM's progress bar hook)
 
     @property
     def loaded(self) -> bool:
@@ -60,9 +61,13 @@ class VllmEngine:
                 load_format="safetensors",
                 worker_extension_cls="eval_daemon.engines.vllm_worker.CheckpointReload",
             )
-        except Exception as exc:  # vLLM raises many unrelated types for a bad model (ValueError, RuntimeError, OSError, ...)
+        # vLLM raises many unrelated types (ValueError, RuntimeError, OSError, ...). The files passed
+        # check_model_dir (types, config, safetensors, every tensor's name and shape) before this, so
+        # what is left is the engine start itself: out of memory for the KV cache, the driver, the
+        # engine-core process, the network for a hub id. Retried, never recorded as the checkpoint's result.
+        except Exception as exc:
             self.close()
-            raise CheckpointLoadError(f"vLLM could not load {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
+            raise EnvironmentFailure(f"vLLM did not start on {model_path}: {type(exc).__name__}: {first_line(exc)}") from exc
 
     def reload(self, model_path: str) -> bool:
         """Load new weights into the live engine; False when that did not work (then it is started anew)."""
@@ -89,7 +94,8 @@ class VllmEngine:
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
         _warn_too_long(len(prompts) - len(fits), self.max_model_len)
         params = [self._generation_params(sampling, prompts[i]) for i in fits]
-        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params, use_tqdm=progress)
+        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params,
+                                    use_tqdm=self._progress_bar(progress))
         results = [empty_generation(ids) for ids in prompt_ids]
         for i, output in zip(fits, outputs):
             completion = output.outputs[0]
@@ -98,6 +104,20 @@ class VllmEngine:
                                     num_tokens=len(completion.token_ids))
         self.entropy_seconds = score_entropy_rows(self.token_entropies, results, entropy_rows)
         return results
+
+    def _progress_bar(self, shown: bool):
+        """vLLM's progress-bar factory: its update() runs for every finished request, the one hook
+        into vLLM's generation loop, so `interrupt` is checked there."""
+        from tqdm import tqdm
+
+        interrupt = self.interrupt
+
+        class InterruptibleBar(tqdm):
+            def update(self, n=1):
+                interrupt()
+                return super().update(n)
+
+        return lambda **kwargs: InterruptibleBar(disable=not shown, **kwargs)
 
     def _generation_params(self, sampling: Sampling, prompt: str):
         """One request's SamplingParams (bench/eval_full.py overrides it to force response lengths)."""
