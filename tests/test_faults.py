@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 SEED = int(os.environ.get("MATHSFT_FAULT_SEED", "1414"))
 TRIALS = int(os.environ.get("MATHSFT_FAULT_TRIALS", "3"))
-STOP_WITHIN_S = 15.0  # "within seconds": SIGTERM to exit, on a loaded 2-core CI machine
+STOP_WITHIN_S = 10.0  # "within seconds": SIGTERM to the start of the shutdown, on a loaded 2-core machine
+EXIT_WITHIN_S = 60.0  # SIGTERM to exit, interpreter teardown included (as tests/test_eval_daemon.py allows)
 NUM_PROBLEMS = 7  # tests/conftest.py FIXTURE_PROBLEMS
 
 
@@ -56,12 +57,16 @@ def metrics_lines(results: Path) -> list[int]:
     return sorted(json.loads(line)["train_step"] for line in path.read_text().splitlines()) if path.exists() else []
 
 
-def stop(daemon: Daemon) -> tuple[int, float]:
-    """SIGTERM; the exit code and the seconds it took."""
+def stop(daemon: Daemon) -> tuple[int, float, float]:
+    """SIGTERM; the exit code, the seconds until the daemon began shutting down (the evaluation in
+    flight abandoned or finished) and the seconds until it exited (interpreter teardown included)."""
     sent = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
+    while "shutting down" not in daemon.log() and daemon.process.poll() is None and time.monotonic() - sent < 60:
+        time.sleep(0.1)
+    stopping = time.monotonic() - sent
     code = daemon.wait(60)
-    return code, time.monotonic() - sent
+    return code, stopping, time.monotonic() - sent
 
 
 @pytest.fixture
@@ -91,21 +96,22 @@ def test_kill9_eval_daemon_at_random_points_and_after_the_commit(tmp_path, math_
             store_is_whole(db)
 
     with trial("kill -9 eval daemon between store commit and marker"):
-        pending = [s for s in (0, 10, 20) if ("kill", s) not in {(r[0], r[1]) for r in evaluations(db)}]
+        run_with_steps("kill", [30])  # pending for sure, however far the random kills got
         daemon = Daemon(tmp_path, args(math_dir), env={"MATHSFT_TEST_AFTER_COMMIT_DELAY_S": "60"})
         daemon.wait_for_log("after the store commit", timeout=240)
         daemon.process.kill()
         daemon.wait(30)
-        if pending:  # the commit happened, the marker did not
-            assert not marker_path(run_dir, pending[0], evaluations_key(db)).exists()
+        committed = [r[1] for r in evaluations(db)]
+        unmarked = [s for s in committed if not marker_path(run_dir, s, evaluations_key(db)).exists()]
+        assert len(unmarked) == 1, (committed, unmarked)  # the commit happened, its marker did not
 
     with trial("restart after kill -9 (eval): everything once, markers, metrics"):
         code, log = _run_once(tmp_path, math_dir)
         assert code == 0, log[-3000:]
         store_is_whole(db)
-        assert [(r[1], r[2]) for r in evaluations(db)] == [(0, "ok"), (10, "ok"), (20, "ok")]
-        assert all(marker_path(run_dir, s, evaluations_key(db)).exists() for s in (0, 10, 20))
-        assert metrics_lines(results) == [0, 10, 20]  # each evaluation's metrics record exactly once
+        assert [(r[1], r[2]) for r in evaluations(db)] == [(0, "ok"), (10, "ok"), (20, "ok"), (30, "ok")]
+        assert all(marker_path(run_dir, s, evaluations_key(db)).exists() for s in (0, 10, 20, 30))
+        assert metrics_lines(results) == [0, 10, 20, 30]  # each evaluation's metrics record exactly once
         assert leftovers(results) == []
     check_all()
 
@@ -134,8 +140,9 @@ def test_kill9_trainer_at_random_points_then_a_garbage_manifest(tmp_path):
     for index in range(2):
         with trial("kill -9 trainer at a random point"):
             trainer = Proc("train_daemon", train, tmp_path, f"train-{index}")
-            trainer.wait_for(lambda: (run_dir / MANIFEST_NAME).exists(), "the first publish", timeout=300)
-            time.sleep(rng.uniform(0.0, 6.0))
+            trainer.wait_for(lambda: "run faults: " in trainer.log() or trainer.process.poll() is not None,
+                             "the training loop", timeout=300)
+            time.sleep(rng.uniform(0.0, 8.0))
             trainer.kill()
             if (run_dir / MANIFEST_NAME).exists():
                 read_manifest(run_dir)  # never torn
@@ -271,8 +278,9 @@ def test_sigterm_in_every_phase_abandons_within_seconds(tmp_path, math_dir, run_
         with trial(f"SIGTERM while {phase}"):
             daemon = Daemon(tmp_path, args(math_dir, *extra), env=env)
             daemon.wait_for_log(reached, timeout=300)
-            code, took = stop(daemon)
-            assert code == 0 and took < STOP_WITHIN_S, (code, took, daemon.log()[-3000:])
+            code, stopping, took = stop(daemon)
+            assert code == 0 and stopping < STOP_WITHIN_S and took < EXIT_WITHIN_S, \
+                (code, stopping, took, daemon.log()[-3000:])
             store_is_whole(db)
             assert leftovers(results) == []
             recorded = [(r[1], r[2]) for r in evaluations(db)]
