@@ -40,6 +40,7 @@ TENSOR_DAMAGE = {
 }
 
 
+@pytest.mark.slow  # loads a real model
 @pytest.mark.parametrize("damage", list(TENSOR_DAMAGE))
 def test_tensors_that_do_not_match_the_architecture_fail_the_load(tmp_path, tiny_model_dir, damage):
     """Item 2: a fresh engine would fill a missing tensor with random weights and evaluate them."""
@@ -100,6 +101,7 @@ def test_eval_key_changes_with_everything_that_changes_a_number(tiny_model_dir, 
     assert printed["deterministic_scheduling"] is True and len(printed["problems_sha256"]) == 64
 
 
+@pytest.mark.slow  # decodes with a real model
 def test_a_stop_swallowed_in_a_destructor_still_stops_generation(tiny_model_dir):
     """Item 9: Python discards an exception raised inside __del__; the flag, checked in the
     generation loop, still abandons the evaluation."""
