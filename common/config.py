@@ -28,6 +28,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from common.data import (FULL_MATH_HUB_IDS, MATH500_HUB_IDS, MATH500_HUB_SOURCE, MATH_HUB_SOURCE, DatasetError,
+                         hub_source)
+
 # Exit code for configuration errors, shared by every entry point.
 CONFIG_ERROR_EXIT_CODE = 2
 
@@ -66,10 +69,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Where MATH comes from: a hub dataset id, a local directory in the original release layout
-    # (`train/<subject>/<n>.json`), or a JSONL file. `format: sft_pairs` reads JSONL with
+    # Where MATH comes from: a hub dataset `owner/name[:config,...]` (the configs are concatenated),
+    # a local directory in the original release layout (`train/<subject>/<n>.json`) or laid out like
+    # a hub repository, or a JSONL file (common/data.py). `format: sft_pairs` reads JSONL with
     # `prompt`/`response` fields instead (ready reasoning traces).
-    train_source: str = "hendrycks/competition_math"
+    train_source: str = MATH_HUB_SOURCE
     train_split: str = "train"
     format: str = "math"  # math | sft_pairs
     prompt_template: str = "config/r1_zero.prompt"
@@ -107,11 +111,22 @@ class TrainingConfig:
 
 
 @dataclass
+class PublishedResult:
+    """The published number a preset reproduces; `bin/eval --checkpoint` prints its result beside it.
+    accuracy / format_accuracy: fractions, one value or a [low, high] range; empty when not published."""
+
+    name: str = ""  # empty: no published number
+    accuracy: list[float] = field(default_factory=list)
+    format_accuracy: list[float] = field(default_factory=list)
+    source: str = ""  # paper / course and table
+
+
+@dataclass
 class EvaluationConfig:
     engine: str = "vllm"  # vllm | hf
     device: str = "cuda:1"
-    eval_set: str = "math"  # math (full test set) | math500
-    test_source: str = "hendrycks/competition_math"
+    eval_set: str = "math"  # math (full test set) | math500 (test_source must then hold MATH-500's 500 problems)
+    test_source: str = MATH_HUB_SOURCE  # same forms as data.train_source; MATH-500: HuggingFaceH4/MATH-500
     test_split: str = "test"
     num_eval_samples: int = 0  # 0: all; otherwise a fixed, seeded subset
     seed: int = 0
@@ -145,6 +160,7 @@ class EvaluationConfig:
     # engine hf: batch_loop = mathsft's decoding loop (preallocated KV cache, CUDA graphs on a GPU;
     # Qwen2 / Llama models, others use generate) | generate = transformers' model.generate
     hf_decoder: str = "batch_loop"
+    published: PublishedResult = field(default_factory=PublishedResult)
 
 
 @dataclass
@@ -384,6 +400,38 @@ def validate(config: Config, where: Sources | None = None) -> None:
     _require(e.environment_retries >= 1, "evaluation.environment_retries", "must be >= 1")
     _require(e.retry_backoff_s >= 0, "evaluation.retry_backoff_s", "must be >= 0")
     _require(lg.log_every >= 1, "logging.log_every", "must be >= 1")
+    _validate_sources(config, _require)
+    _validate_published(e.published, _require)
+
+
+def _validate_sources(config: Config, require) -> None:
+    """Source syntax, removed hub ids, and eval sets that contradict their hub source."""
+    keys = [("evaluation.test_source", config.evaluation.test_source)]
+    if config.data.format == "math":
+        keys.insert(0, ("data.train_source", config.data.train_source))
+    hubs = {}
+    for key, value in keys:
+        try:
+            hubs[key] = hub_source(value)
+        except DatasetError as exc:
+            require(False, key, f"is not usable: {exc}")
+    test = hubs["evaluation.test_source"]
+    test_id = test.dataset if test is not None and not test.local else ""
+    eval_set = config.evaluation.eval_set
+    require(not (eval_set == "math500" and test_id in FULL_MATH_HUB_IDS), "evaluation.eval_set",
+            f"is math500 but evaluation.test_source={test_id} is the full MATH test set (5,000 problems); set "
+            f"evaluation.test_source={MATH500_HUB_SOURCE}, or evaluation.eval_set=math")
+    require(not (eval_set == "math" and test_id in MATH500_HUB_IDS), "evaluation.eval_set",
+            f"is math but evaluation.test_source={test_id} is MATH-500; set evaluation.eval_set=math500")
+
+
+def _validate_published(published: PublishedResult, require) -> None:
+    for key in ("accuracy", "format_accuracy"):
+        values = getattr(published, key)
+        require(len(values) <= 2 and all(0 <= v <= 1 for v in values) and values == sorted(values),
+                f"evaluation.published.{key}", "must be one fraction or a [low, high] range in [0, 1]")
+    require(published.name != "" or not (published.accuracy or published.format_accuracy),
+            "evaluation.published.name", "is empty but evaluation.published has numbers; set a name")
 
 
 def _valid_device(device: str) -> bool:

@@ -39,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import cli
-from common.config import Config, ConfigError, EvaluationConfig, load_config, to_dict
+from common.config import Config, ConfigError, EvaluationConfig, PublishedResult, load_config, to_dict
 from common.contract import (Checkpoint, Layout, Lease, ManifestError, Sidecar, WarnOnce, checkpoint_from_argument,
                              live_leases, now_iso, read_sidecar, scan_published)
 from common.data import DatasetError, load_prompt_template
 from common.errors import first_line
 from common.grading import Grader, GraderError
-from common.store.schema import StoreError
+from common.store.query import format_table
+from common.store.schema import StoreError, connect_read_only
 from common.store.writer import eval_key, is_recorded, mark_tracked, recorded_keys
 from eval_daemon.engines.base import CheckpointLoadError, EnvironmentFailure, GenerationEngine, Sampling, is_local
 from eval_daemon.engines.factory import make_engine
@@ -374,9 +375,36 @@ def evaluate_single(ctx: Context, model: str, run_id: str = "") -> int:
     if (checkpoint.run_id, checkpoint.step, ctx.eval_key) in recorded_keys(ctx.layout.store, statuses=statuses):
         logger.info("%s (run %s step %d) is already recorded for %s; nothing to do%s", model, checkpoint.run_id,
                     checkpoint.step, ctx.eval_key, "" if ctx.retry_failed else " (--retry-failed evaluates a failed one again)")
-        return 0
-    return 0 if evaluate_guarded(ctx, checkpoint) else 1
+        code = 0
+    else:
+        code = 0 if evaluate_guarded(ctx, checkpoint) else 1
+    published = ctx.config.evaluation.published
+    if published.name:
+        print(beside_published(published, _recorded_result(ctx, checkpoint), f"{model} step {checkpoint.step}"))
+    return code
 
+
+
+def _recorded_result(ctx: Context, checkpoint: Checkpoint) -> tuple | None:
+    try:
+        with connect_read_only(ctx.layout.store) as con:
+            return con.execute("SELECT accuracy, format_accuracy, num_test_cases FROM evaluations WHERE run_id = ? "
+                               "AND step = ? AND eval_key = ? AND status = 'ok'",
+                               [checkpoint.run_id, checkpoint.step, ctx.eval_key]).fetchone()
+    except StoreError:  # missing or busy store: the comparison shows no measured row, the error was logged already
+        return None
+
+
+def beside_published(published: PublishedResult, result: tuple | None, label: str) -> str:
+    """The recorded (accuracy, format_accuracy, n) next to the preset's published numbers, as a table."""
+    def percent(values) -> str:
+        return "-".join(f"{100 * v:.1f}" for v in values) + "%" if values else "-"
+
+    measured = ("-", "-", "-") if result is None else (percent([result[0]]), percent([result[1]]), str(result[2]))
+    rows = [(label, *measured), (f"published: {published.name}", percent(published.accuracy),
+                                 percent(published.format_accuracy), "")]
+    table = format_table(("model", "accuracy", "format_accuracy", "problems"), rows, max_width=100)
+    return f"{table}\n(published: {published.source})" if published.source else table
 
 def evaluate_guarded(ctx: Context, checkpoint: Checkpoint) -> bool:
     """evaluate_with_retries, turning a failure to record into one log line and a retry on restart."""

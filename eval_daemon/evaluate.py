@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from common.config import EvaluationConfig
-from common.data import MathExample, build_prompt, load_math, load_prompt_template, select_subset
+from common.data import MathExample, build_prompt, check_eval_set, load_math, load_prompt_template, select_subset
 from common.grading import Grader
 from common.store.writer import stratified_set_name
 from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
@@ -27,8 +27,6 @@ from eval_daemon.entropy import sample_indices
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEST_SOURCE = "hendrycks/competition_math"
-MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
 
 
 @dataclass
@@ -50,9 +48,9 @@ class EvalResult:
 def load_eval_set(evaluation: EvaluationConfig, prompt_template: str) -> EvalSet:
     """MATH test (or MATH-500), the seeded subset when num_eval_samples > 0, and the R1-zero prompts."""
     source = evaluation.test_source
-    if evaluation.eval_set == "math500" and source == DEFAULT_TEST_SOURCE:
-        source = MATH500_HUB_ID  # the default points at full MATH; MATH-500 has its own hub dataset
-    examples = select_subset(load_math(source, evaluation.test_split), evaluation.num_eval_samples, evaluation.seed)
+    examples = load_math(source, evaluation.test_split)
+    check_eval_set(evaluation.eval_set, examples, source)
+    examples = select_subset(examples, evaluation.num_eval_samples, evaluation.seed)
     template = load_prompt_template(prompt_template)
     prompts = [build_prompt(template, example.problem) for example in examples]
     indices = sample_indices(len(examples), evaluation.entropy_sample_size, evaluation.seed)
