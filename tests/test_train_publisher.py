@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +74,13 @@ def test_weights_are_those_at_publish_time_even_if_training_goes_on_during_the_w
     assert "lm_head.weight" not in written  # tied to the embedding, stored once as the hub files do
 
 
-def test_disk_full_is_one_error_line_and_damages_nothing(tmp_path, model, tokenizer, monkeypatch, caplog):
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # What safetensors raises on a full disk: not an OSError.
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_disk_full_reaches_the_caller_damages_nothing_and_stops_further_writes(tmp_path, model, tokenizer,
+                                                                              monkeypatch, caplog, error):
     publisher = _publisher(tmp_path, model, tokenizer)
     _publish(publisher, model, 0)
     publisher.wait()
@@ -82,24 +89,37 @@ def test_disk_full_is_one_error_line_and_damages_nothing(tmp_path, model, tokeni
 
     def disk_full(tensors, path, metadata=None):
         real_save_file(tensors, path, metadata)  # part of the data made it to disk ...
-        raise OSError(errno.ENOSPC, "No space left on device", path)
+        raise error
 
     monkeypatch.setattr(publisher_module, "save_file", disk_full)
-    with caplog.at_level(logging.ERROR, logger="train_daemon.publisher"):
+    with caplog.at_level(logging.ERROR):
         _publish(publisher, model, 5)
         publisher.wait()
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "publishing step 5 failed" in errors[0] and "No space left" in errors[0]
-    assert "\n" not in errors[0]
-    assert publisher.failed_steps == [5]
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    (failure,) = publisher.writer.failures
+    assert (failure.step, failure.disk_full) == (5, True) and publisher.failed_steps == [5]
     assert (tmp_path / "ckpt" / "manifest.json").read_text() == manifest_before
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", "step_000000"]
     AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "step_000000", use_safetensors=True)
 
-    monkeypatch.setattr(publisher_module, "save_file", real_save_file)  # space freed: the next publish works
-    _publish(publisher, model, 10)
+    monkeypatch.setattr(publisher_module, "save_file", real_save_file)
+    _publish(publisher, model, 10)  # the disk is known to be full: not written into
     publisher.wait()
-    assert read_manifest(tmp_path / "ckpt").steps() == [0, 10]
+    assert publisher.failed_steps == [5, 10] and read_manifest(tmp_path / "ckpt").steps() == [0]
+
+
+def test_any_exception_of_the_write_reaches_the_caller(tmp_path, model, tokenizer, monkeypatch):
+    publisher = _publisher(tmp_path, model, tokenizer)
+    monkeypatch.setattr(publisher_module, "save_file", lambda *args, **kwargs: 1 / 0)
+    _publish(publisher, model, 3)
+    publisher.wait()
+    (failure,) = publisher.writer.failures
+    assert (failure.step, failure.disk_full) == (3, False) and "ZeroDivisionError" in failure.cause
+    assert not (tmp_path / "ckpt" / "manifest.json").exists() and not list((tmp_path / "ckpt").iterdir())
+    monkeypatch.undo()
+    _publish(publisher, model, 4)  # not a full disk: the next publish is written
+    publisher.wait()
+    assert read_manifest(tmp_path / "ckpt").steps() == [4]
 
 
 def test_retention_runs_after_each_publish_and_spares_unevaluated_steps(tmp_path, model, tokenizer):

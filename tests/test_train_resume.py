@@ -108,6 +108,27 @@ def test_a_failed_save_keeps_the_previous_state(tmp_path, tiny_model_dir, exampl
     assert load_resume_state(tmp_path, fresh.model, fresh.optimizer, fresh.scheduler, CPU).step == 1
 
 
+def test_a_background_save_that_raises_anything_is_a_failure_of_its_step(tmp_path, tiny_model_dir, examples,
+                                                                         monkeypatch):
+    trainer = Trainer(tiny_model_dir, examples)
+    trainer.steps(1)
+    writer = ResumeWriter(tmp_path, saved_step=0)
+    writer.save(trainer.state, trainer.model, trainer.optimizer, trainer.scheduler)
+    assert writer.wait() and writer.saved_step == 1
+
+    def torch_save_on_a_full_disk(*args, **kwargs):  # what torch.save raises there: a RuntimeError
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(resume_module.torch, "save", torch_save_on_a_full_disk)
+    trainer.steps(1)
+    writer.save(trainer.state, trainer.model, trainer.optimizer, trainer.scheduler)
+    assert not writer.wait() and writer.saved_step == 1
+    (failure,) = writer.writer.failures
+    assert failure.step == 2 and not failure.disk_full and "RuntimeError" in failure.cause
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_000001"]
+
+
 def test_no_state_means_a_fresh_start_and_a_broken_state_is_one_clear_error(tmp_path, tiny_model_dir, examples):
     trainer = Trainer(tiny_model_dir, examples)
     assert load_resume_state(tmp_path, trainer.model, trainer.optimizer, trainer.scheduler, CPU) is None

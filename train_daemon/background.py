@@ -1,39 +1,151 @@
 """Write large state to disk without holding up training (used by the publisher and resume writer).
 
 The pattern: copy the tensors to host memory now (pinned buffers, non-blocking copies, one sync
-on CUDA: well under a second for a 1.5B model), then write them from a background thread while
-training goes on. At most one write per writer is in flight; the host buffers are reused, which
-is safe because a new snapshot waits for the previous write to finish.
+on CUDA: well under a second for a 1.5B model), then write them on a single-worker
+`concurrent.futures.ThreadPoolExecutor` while training goes on. At most one write per writer is in
+flight; the host buffers are reused, which is safe because a new snapshot waits for the previous
+write to finish. Whatever the write raises (an OSError, safetensors' SafetensorError or
+torch.save's RuntimeError on a full disk, a bug) is held by its future and re-raised in the
+training thread by `poll()` / `wait()`, which turn it into one `WriteFailure` and one ERROR line.
+
+Test hook (tests only): MATHSFT_TEST_WRITE_FAULT=enospc|error makes every write of both writers
+fail at its first file (`enospc`: OSError ENOSPC, as a full disk; `error`: a RuntimeError, as
+torch.save raises on a full disk); MATHSFT_TEST_WRITE_FAULT_FROM_STEP=<step> limits it to steps >= step.
 """
 
 from __future__ import annotations
 
-import threading
+import errno
+import logging
+import os
+import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from common.errors import first_line
+
+logger = logging.getLogger(__name__)
+
+TEST_FAULT_ENV = "MATHSFT_TEST_WRITE_FAULT"
+TEST_FAULT_FROM_STEP_ENV = "MATHSFT_TEST_WRITE_FAULT_FROM_STEP"
+DISK_FULL_FIX = "free space or lower training.keep_last_checkpoints"
+
+
+@dataclass
+class WriteFailure:
+    what: str  # "checkpoint" | "resume state"
+    step: int
+    cause: str  # one line: what happened and the fix
+    disk_full: bool
+
 
 class BackgroundWriter:
-    def __init__(self, name: str):
-        self.name = name
-        self._thread: threading.Thread | None = None
+    """One write in flight on its own worker thread; its outcome is collected by the caller's thread."""
 
-    def submit(self, write: Callable[..., None], *args: Any) -> None:
-        """Run write(*args) in the background; call wait() first (the snapshot must not race it)."""
-        assert self._thread is None, "wait() for the previous write before snapshotting"
-        self._thread = threading.Thread(target=write, args=args, name=self.name)
-        self._thread.start()
+    def __init__(self, what: str, directory: Path):
+        self.what, self.directory = what, Path(directory)
+        self.failures: list[WriteFailure] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=what.replace(" ", "-"))
+        self._future: Future | None = None
+        self._step, self._bytes = 0, 0
+
+    def submit(self, step: int, nbytes: int, write: Callable[..., Any], *args: Any) -> None:
+        """Run write(*args) in the background; wait() first (the snapshot must not race the last write)."""
+        assert self._future is None, "wait() for the previous write before snapshotting"
+        if self.disk_full:  # never write into a disk known to be full
+            self.failures.append(WriteFailure(self.what, step, "not attempted: the disk is full", True))
+            return
+        self._step, self._bytes = step, nbytes
+        self._future = self._executor.submit(write, *args)
+
+    def poll(self) -> None:
+        """Collect the in-flight write if it has finished (never blocks)."""
+        if self._future is not None and self._future.done():
+            self._collect()
 
     def wait(self) -> float:
-        """Block until the in-flight write (if any) is done; returns the seconds waited."""
-        if self._thread is None:
+        """Block until the in-flight write (if any) is done and collect it; returns the seconds waited."""
+        if self._future is None:
             return 0.0
         start = time.monotonic()
-        self._thread.join()
-        self._thread = None
-        return time.monotonic() - start
+        self._future.exception()  # blocks until done, raises nothing
+        waited = time.monotonic() - start
+        self._collect()
+        return waited
+
+    @property
+    def disk_full(self) -> bool:
+        return any(failure.disk_full for failure in self.failures)
+
+    def close(self) -> None:
+        self.wait()
+        self._executor.shutdown()
+
+    def _collect(self) -> None:
+        future, self._future = self._future, None
+        try:
+            future.result()
+        # Every exception of the write lands here, whatever its type: the write is lost, the
+        # training thread records it and decides (main() stops on a full disk).
+        except BaseException as exc:  # noqa: BLE001
+            full = is_disk_full(exc, self.directory, self._bytes)
+            cause = (f"no space left on {filesystem_of(self.directory)}: {DISK_FULL_FIX}" if full
+                     else f"{type(exc).__name__}: {first_line(exc, 'no message')}")
+            self.failures.append(WriteFailure(self.what, self._step, cause, full))
+            logger.error("step %d: %s not saved: %s", self._step, self.what, cause)
+
+
+def is_disk_full(exc: BaseException, directory: Path, needed_bytes: int) -> bool:
+    """Did this write fail for lack of space? OSError says so by errno and safetensors in its message;
+    torch.save's RuntimeError says neither, so the free space left is the last word."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(_existing_parent(directory)).free < needed_bytes
+    except OSError:  # the directory is gone or unreadable: not evidence of a full disk
+        return False
+
+
+def filesystem_of(directory: Path) -> str:
+    """'<mount point> (<device>)' of the filesystem holding directory, for the disk-full message."""
+    path = _existing_parent(directory).resolve()
+    mount = path
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/self/mounts") as mounts:
+            sources = {fields[1]: fields[0] for fields in (line.split() for line in mounts) if len(fields) > 1}
+    except OSError:  # not Linux: the mount point alone
+        return str(mount)
+    return f"{mount} ({sources[str(mount)]})" if str(mount) in sources else str(mount)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def inject_test_fault(step: int, path: Path) -> None:
+    """The test hook of the module docstring; does nothing unless the variable is set."""
+    fault = os.environ.get(TEST_FAULT_ENV)
+    if not fault or step < int(os.environ.get(TEST_FAULT_FROM_STEP_ENV) or 0):
+        return
+    if fault == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    raise RuntimeError(f"[test hook {TEST_FAULT_ENV}={fault}] PytorchStreamWriter failed writing file")
+
+
+def host_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
 
 
 def copy_to_host(tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],

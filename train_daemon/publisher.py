@@ -1,12 +1,14 @@
 """Publish checkpoints without stalling training for the disk write.
 
 Used by `bin/train`. `publish()` copies the weights to host memory (train_daemon.background),
-then a background thread writes a complete Hugging Face model directory with
-common.contract.publish_checkpoint (temp dir, fsync, rename, manifest) and applies retention. At most one write is in flight: a publish that finds the previous one still
-writing waits for it, and logs how long training stalled.
+then a background writer writes a complete Hugging Face model directory with
+common.contract.publish_checkpoint (temp dir, fsync, rename, manifest) and applies retention.
+At most one write is in flight: a publish that finds the previous one still writing waits for it,
+and logs how long training stalled.
 
-A failed write (disk full, permissions) is logged as one ERROR line and recorded in
-`failed_steps`; the temporary directory is removed and published checkpoints are untouched.
+A failed write (disk full, permissions, any exception) reaches the training thread, is logged as
+one ERROR line and recorded in `failures`; the temporary directory is removed and published
+checkpoints are untouched.
 
 Test hooks (tests only): MATHSFT_TEST_PUBLISH_DELAY_S=<seconds> makes the writer sleep after the
 model files are written and before the rename into place, so tests can kill -9 the trainer
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.contract import ManifestError, Sidecar, apply_retention, publish_checkpoint
-from train_daemon.background import BackgroundWriter, copy_to_host
+from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault
 from train_daemon.weights import unique_state_dict
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,7 @@ class CheckpointPublisher:
         self.model_config = copy.deepcopy(model.config)
         self.model_config.dtype = save_dtype
         self.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
-        self.failed_steps: list[int] = []
-        self._writer = BackgroundWriter("publish")
+        self.writer = BackgroundWriter("checkpoint", self.run_dir)
         self._buffers: dict[str, torch.Tensor] = {}  # pinned host copies, reused across publishes
 
     def publish(self, model, step: int, sidecar: Sidecar, metrics: dict[str, Any]) -> None:
@@ -55,11 +56,15 @@ class CheckpointPublisher:
         start = time.monotonic()
         weights = copy_to_host(unique_state_dict(model), self._buffers, self._dtype)
         snapshot_seconds = time.monotonic() - start
-        self._writer.submit(self._write, step, weights, sidecar, metrics, snapshot_seconds)
+        self.writer.submit(step, host_bytes(weights), self._write, step, weights, sidecar, metrics, snapshot_seconds)
 
     def wait(self) -> float:
         """Block until the in-flight write (if any) is done; returns the seconds waited."""
-        return self._writer.wait()
+        return self.writer.wait()
+
+    @property
+    def failed_steps(self) -> list[int]:
+        return [failure.step for failure in self.writer.failures]
 
     def _dtype(self, tensor: torch.Tensor) -> torch.dtype:
         return self.save_dtype if tensor.is_floating_point() else tensor.dtype
@@ -67,6 +72,7 @@ class CheckpointPublisher:
     def _write(self, step: int, weights: dict[str, torch.Tensor], sidecar: Sidecar, metrics: dict[str, Any],
                snapshot_seconds: float) -> None:
         def write_model(directory: Path) -> None:
+            inject_test_fault(step, directory)
             save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
             self.model_config.save_pretrained(directory)
             if self.generation_config is not None:
@@ -75,13 +81,8 @@ class CheckpointPublisher:
             _test_delay(step)
 
         start = time.monotonic()
-        try:
-            final = publish_checkpoint(self.run_dir, self.run_id, step, write_model, sidecar, metrics)
-        except OSError as exc:  # disk full, permissions: this checkpoint is lost, nothing else is
-            self.failed_steps.append(step)
-            logger.error("publishing step %d failed: %s; free disk space or fix permissions under %s "
-                         "(published checkpoints are intact; training continues)", step, exc, self.run_dir)
-            return
+        # Any exception goes to the training thread through the writer's future.
+        final = publish_checkpoint(self.run_dir, self.run_id, step, write_model, sidecar, metrics)
         logger.info("published step %d to %s (training paused %.2f s for the snapshot; write %.1f s in the background)",
                     step, final, snapshot_seconds, time.monotonic() - start)
         try:

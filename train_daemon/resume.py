@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from common.contract import step_dir_name
 from common.durable import TEMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
-from train_daemon.background import BackgroundWriter, copy_to_host
+from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault
 from train_daemon.weights import load_weights, unique_state_dict
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ def snapshot_resume_state(state: TrainerState, model, optimizer, scheduler,
     """Host copies of the state at this step; training may change the originals right after.
     The optimizer's tensors (AdamW moments, step counts) are copied like the weights."""
     optimizer_state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value for index, entry in optimizer_state["state"].items()
-               for key, value in entry.items() if isinstance(value, torch.Tensor)}
+    tensors = _tensors(optimizer_state["state"])
     copies = copy_to_host({**{f"model.{k}": v for k, v in unique_state_dict(model).items()},
                            **{f"optimizer.{k}": v for k, v in tensors.items()}}, buffers)
     host_state = {index: {key: copies.get(f"optimizer.{index}.{key}", value) for key, value in entry.items()}
@@ -84,6 +83,7 @@ def write_resume_state(resume_dir: Path, snapshot: ResumeSnapshot) -> float:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        inject_test_fault(snapshot.state.step, tmp)
         save_file(snapshot.weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(snapshot.optimizer, tmp / "optimizer.pt")
         torch.save(snapshot.trainer, tmp / "trainer.pt")
@@ -110,40 +110,41 @@ def save_resume_state(resume_dir: Path, state: TrainerState, model, optimizer, s
 
 class ResumeWriter:
     """Saves resume state in the background: a 1.5B model's state is ~18 GB (float32 weights and
-    two AdamW moments) and writing it takes tens of seconds; the snapshot takes about one."""
+    two AdamW moments) and writing it takes tens of seconds; the snapshot takes about one.
+    A failed write reaches the training thread (`writer.failures`); the previous state stays valid."""
 
     def __init__(self, resume_dir: Path, saved_step: int):
         self.resume_dir = resume_dir
         self.requested_step = saved_step  # step of the latest save asked for (or loaded)
-        self.last_failed = False
-        self._writer = BackgroundWriter("resume-state")
+        self.saved_step = saved_step  # step of the latest state on disk
+        self.writer = BackgroundWriter("resume state", resume_dir)
         self._buffers: dict[str, torch.Tensor] = {}
 
     def save(self, state: TrainerState, model, optimizer, scheduler) -> None:
-        stalled = self._writer.wait()
+        stalled = self.writer.wait()
         if stalled > 0.1:
             logger.warning("step %d: training waited %.1f s for the previous resume-state write", state.step, stalled)
         start = time.monotonic()
         snapshot = snapshot_resume_state(state, model, optimizer, scheduler, self._buffers)
         logger.info("step %d: resume state copied to host memory in %.1f s", state.step, time.monotonic() - start)
         self.requested_step = state.step
-        self._writer.submit(self._write, snapshot)
+        nbytes = host_bytes(snapshot.weights) + host_bytes(_tensors(snapshot.optimizer["state"]))
+        self.writer.submit(state.step, nbytes, self._write, snapshot)
 
     def wait(self) -> bool:
-        """Wait for the in-flight write; True when the latest save succeeded."""
-        self._writer.wait()
-        return not self.last_failed
+        """Wait for the in-flight write; True when the latest save asked for is on disk."""
+        self.writer.wait()
+        return self.saved_step == self.requested_step
 
     def _write(self, snapshot: ResumeSnapshot) -> None:
-        try:
-            seconds = write_resume_state(self.resume_dir, snapshot)
-        except OSError as exc:  # disk full: training goes on; the previous resume state is still valid
-            self.last_failed = True
-            logger.error("writing resume state at step %d failed: %s; free disk space under %s",
-                         snapshot.state.step, exc, self.resume_dir)
-            return
-        self.last_failed = False
+        seconds = write_resume_state(self.resume_dir, snapshot)  # raises to the training thread
+        self.saved_step = snapshot.state.step
         logger.info("resume state saved at step %d (%.1f s in the background)", snapshot.state.step, seconds)
+
+
+def _tensors(optimizer_state: dict) -> dict[str, torch.Tensor]:
+    return {f"{index}.{key}": value for index, entry in optimizer_state.items()
+            for key, value in entry.items() if isinstance(value, torch.Tensor)}
 
 
 class ResumeError(ValueError):

@@ -6,7 +6,7 @@ Used by `bin/train`. Layout under `<results_dir>/` (common/contract.py Layout):
     runs/<run_id>/config.json       the fully resolved config of the latest start
     runs/<run_id>/train_log.jsonl   metrics per log step (common.tracking)
     runs/<run_id>/resume/           resume state (train_daemon.resume)
-    checkpoints/<run_id>/           published checkpoints + manifest (common.checkpoints)
+    checkpoints/<run_id>/           published checkpoints + manifest (common.contract)
 
 Resuming with settings that change the data order (batch size, seed, data, max length) would
 silently train on a different stream, so those must match the run's first start.
