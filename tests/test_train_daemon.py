@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.contract import read_manifest, read_sidecar
+from train_daemon.background import TEST_FAULT_ENV, TEST_FAULT_FROM_STEP_ENV
 from train_daemon.publisher import TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV
 
 pytestmark = pytest.mark.slow  # real processes
@@ -38,7 +39,7 @@ def _args(model_dir, data_dir, output_dir, run_id, **extra):
 
 def _env(**extra):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false", **extra}
-    for name in (TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV):
+    for name in (TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV, TEST_FAULT_ENV, TEST_FAULT_FROM_STEP_ENV):
         if name not in extra:
             env.pop(name, None)
     return env
@@ -247,3 +248,79 @@ def test_unreadable_dataset_is_one_clear_error(tmp_path, tiny_model_dir):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "train.jsonl line 2" in line
+
+
+# ---- background writes that fail (disk full, any exception): reported, nothing damaged, resumable
+
+
+def _assert_published_intact(run_dir, steps, reference_output):
+    """The manifest lists exactly `steps`, each a complete directory with the uninterrupted run's weights."""
+    assert read_manifest(run_dir).steps() == steps
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != "manifest.json") == [f"step_{s:06d}" for s in steps]
+    for step in steps:
+        mine = load_file(str(run_dir / f"step_{step:06d}" / "model.safetensors"))
+        theirs = load_file(str(reference_output / "checkpoints" / "ref" / f"step_{step:06d}" / "model.safetensors"))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs), step
+
+
+def _assert_resumes_to_the_end(args, output, run_id, resumed_from, reference):
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {resumed_from}" in result.stderr
+    _assert_published_intact(output / "checkpoints" / run_id, [0, 4, 8, 12], reference["output"])
+    _assert_same_curve(_log(output, run_id), reference["log"])
+
+
+@pytest.mark.parametrize("fault", ["enospc", "error"])
+def test_a_failed_background_write_exits_1_damages_nothing_and_the_run_resumes(reference, tiny_model_dir, fault):
+    """Both writers fail from step 8 on (an injected ENOSPC, or a RuntimeError as torch.save raises on
+    a full disk). A full disk stops training within a step or two; another error lets it go on."""
+    output = reference["output"].parent / f"fault-{fault}"
+    args = _args(tiny_model_dir, reference["data"], output, fault)
+    result = _run(args, **{TEST_FAULT_ENV: fault, TEST_FAULT_FROM_STEP_ENV: "8"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    _assert_published_intact(output / "checkpoints" / fault, [0, 4], reference["output"])
+    assert _resume_step(output, fault) == 4
+    assert not list((output / "runs" / fault / "resume").glob(".tmp-*"))
+    trained = len(_log(output, fault))
+    assert 8 <= trained < MAX_STEPS if fault == "enospc" else trained == MAX_STEPS
+    _assert_resumes_to_the_end(args, output, fault, 4, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted at tmp_path/disk (needs root and permission to mount; skipped otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _tree_bytes(path):
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def test_a_full_filesystem_stops_training_damages_nothing_and_resumes_after_space_is_freed(
+        reference, tiny_model_dir, small_disk):
+    ref_run = reference["output"] / "checkpoints" / "ref"
+    checkpoint, resume = _tree_bytes(ref_run / "step_000004"), _tree_bytes(reference["output"] / "runs" / "ref" / "resume")
+    # Room for steps 0 and 4 and one resume state, not for the step-8 checkpoint as well.
+    size_kib = (2 * checkpoint + resume + checkpoint // 2) // 1024 + 64
+    subprocess.run(["mount", "-o", f"remount,size={size_kib}k", str(small_disk)], check=True)
+    output = small_disk / "results"
+    args = _args(tiny_model_dir, reference["data"], output, "full")
+    result = _run(args)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    _assert_published_intact(output / "checkpoints" / "full", [0, 4], reference["output"])
+    assert _resume_step(output, "full") == 4
+    assert len(_log(output, "full")) < MAX_STEPS  # it stopped instead of training on into a full disk
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    _assert_resumes_to_the_end(args, output, "full", 4, reference)
