@@ -2,6 +2,9 @@
 # The training benchmarks of docs/PERFORMANCE.md in one device call (one GPU, ~8 min):
 #   bash bench/gpu_train_session.sh throughput    # bench/train_throughput.py, all variants
 #   bash bench/gpu_train_session.sh publish       # bench/publish_stall.py + a short bin/train run
+#   bash bench/gpu_train_session.sh e2e           # the GPU snapshot test + bench/train_end_to_end.py (300 steps)
+#   bash bench/gpu_train_session.sh peers         # side by side: plain HF, mathsft, TRL SFTTrainer padding-free + Liger
+#                                                 # (TRL, liger-kernel, datasets, dill, multiprocess wheels carried in .dev/whl/)
 # Needs (carried, git-ignored) .dev/bench/{math_train.jsonl,qwen_tok/}; logs go to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD WANDB_MODE=offline
@@ -42,4 +45,40 @@ print(f"bin/train steps 4-{len(rows)}: mean {sum(steady)/len(steady):.0f} tokens
 PY
   cat /tmp/results/checkpoints/gpu/manifest.json | head -c 600; echo
   ls -la /tmp/results/checkpoints/gpu/ ;;
+e2e)
+  df -h /tmp | tail -1; free -g | head -2
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_train_resume.py -k gpu 2>&1 | tail -3
+  rm -rf /tmp/e2e; mkdir -p /tmp/e2e
+  TORCH_LOGS=recompiles timeout ${E2E_TIMEOUT:-420} python3 bench/train_end_to_end.py --model /tmp/rq --data $DATA \
+    --steps ${STEPS:-300} --workdir /tmp/e2e --json $OUT/train_end_to_end.json 2>&1 | tee $OUT/train_end_to_end.log
+  grep -v "Loading weights" /tmp/e2e/bin_train.stderr | cut -c1-300 > $OUT/bin_train.stderr; df -h /tmp | tail -1
+  grep -c "Recompiling" /tmp/e2e/bin_train.stderr
+  if [ -n "${WARM_STEPS:-}" ]; then  # a second run on the same machine: the compile caches are warm
+    rm -rf /tmp/e2e; mkdir -p /tmp/e2e
+    timeout 150 python3 bench/train_end_to_end.py --model /tmp/rq --data $DATA --steps $WARM_STEPS --workdir /tmp/e2e \
+      --json $OUT/train_end_to_end_warm.json 2>&1 | grep "loop_\|steady\|process_\|step 1\"" | tee $OUT/warm.log
+  fi ;;
+diag)
+  rm -rf /tmp/e2e; mkdir -p /tmp/e2e
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+  TORCH_LOGS=recompiles timeout 240 python3 bench/train_end_to_end.py --model /tmp/rq --data $DATA --steps ${STEPS:-16} \
+    --workdir /tmp/e2e training.eval_every=8 training.save_resume_every=8 > $OUT/diag.log 2>&1; echo "exit $?"
+  grep -v "Loading weights" /tmp/e2e/bin_train.stderr | cut -c1-600 > $OUT/diag_bin_train.stderr
+  grep -i "recompil\|pinned\|guard\|triggered" $OUT/diag_bin_train.stderr | cut -c1-500 | head -30
+  python3 - <<'PY'
+import json
+rows = [json.loads(l) for l in open("/tmp/e2e/results/runs/e2e/train_log.jsonl")]
+prev = 0
+for r in rows:
+    n = r["train/tokens_seen"] - prev; prev = r["train/tokens_seen"]
+    print(r["train_step"], f"{n / r['train/tokens_per_second']:.2f} s", end="; ")
+print()
+PY
+  ;;
+peers)
+  timeout 300 python3 bench/train_throughput.py --model /tmp/rq --data $DATA --plain-micro-batch 4 --variants plain,default \
+    --steps ${STEPS:-5} --warmup 2 --json $OUT/train_throughput.json 2>&1 | grep -v "Loading weights" | tee $OUT/train_throughput.log
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev/whl/*.whl 2>&1 | tail -2
+  PYTHONPATH=/tmp/site timeout 240 python3 .dev/peers/trl_sft.py /tmp/rq $DATA config/r1_zero.prompt \
+    padding_free,liger ${TRL_STEPS:-8} 2>&1 | grep -v "Loading weights\|it/s\]" | tail -15 | tee $OUT/trl.log ;;
 esac

@@ -24,20 +24,22 @@ CPU = torch.device("cpu")
 class Trainer:
     """The pieces of the daemon's loop, small enough to run a few steps in a test."""
 
-    def __init__(self, model_dir, examples):
+    def __init__(self, model_dir, examples, device=CPU):
+        self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-        self.model.train()
-        self.optimizer = make_optimizer(self.model, 1e-3, (0.9, 0.95), 0.01, CPU)
+        self.model.to(device).train()
+        self.optimizer = make_optimizer(self.model, 1e-3, (0.9, 0.95), 0.01, device)
         self.scheduler = make_scheduler(self.optimizer, 2, 10, 0.0)
         self.examples = examples
         self.stream = ExampleStream(len(examples), seed=5)
         self.state = TrainerState()
 
-    def steps(self, count):
+    def steps(self, count, before_update=None):
         losses = []
         for _ in range(count):
             batches = build_micro_batches(self.examples, self.stream.take(4), 2, True, 0)
-            result = train_step(self.model, batches, self.optimizer, self.scheduler, 1.0, CPU, None)
+            result = train_step(self.model, batches, self.optimizer, self.scheduler, 1.0, self.device, None,
+                                before_update)
             self.state.step += 1
             self.state.data_epoch, self.state.data_index = self.stream.epoch, self.stream.index
             losses.append(result.loss.item())
@@ -89,6 +91,28 @@ def test_background_save_holds_the_state_of_its_step_while_training_goes_on(tmp_
 
 
 @pytest.mark.slow  # a real model trains (seconds)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous snapshot copy is CUDA's")
+def test_on_a_gpu_the_snapshot_copy_runs_behind_training_and_holds_its_step(tmp_path, tiny_model_dir, examples):
+    """The copy to pinned memory is queued on a side stream and the next optimizer step waits for it
+    on the GPU (fence): the state written is the state at the save, though training went on at once."""
+    cuda = torch.device("cuda")
+    trainer = Trainer(tiny_model_dir, examples, cuda)
+    writer = ResumeWriter(tmp_path, saved_step=0)
+    writer.allocate(trainer.model, trainer.optimizer)
+    trainer.steps(2)
+    writer.save(trainer.state, trainer.model, trainer.optimizer, trainer.scheduler)
+    at_save = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    moments = trainer.optimizer.state_dict()["state"][0]["exp_avg"].cpu().clone()
+    trainer.steps(3, before_update=writer.writer.fence)
+    assert writer.wait() and writer.saved_step == 2
+    fresh = Trainer(tiny_model_dir, examples, cuda)
+    assert load_resume_state(tmp_path, fresh.model, fresh.optimizer, fresh.scheduler, cuda).step == 2
+    for name, tensor in fresh.model.state_dict().items():
+        torch.testing.assert_close(tensor.cpu(), at_save[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(fresh.optimizer.state_dict()["state"][0]["exp_avg"].cpu(), moments, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # a real model trains (seconds)
 def test_a_failed_save_keeps_the_previous_state(tmp_path, tiny_model_dir, examples, monkeypatch):
     trainer = Trainer(tiny_model_dir, examples)
     trainer.steps(1)
@@ -108,6 +132,7 @@ def test_a_failed_save_keeps_the_previous_state(tmp_path, tiny_model_dir, exampl
     assert load_resume_state(tmp_path, fresh.model, fresh.optimizer, fresh.scheduler, CPU).step == 1
 
 
+@pytest.mark.slow  # a real model trains (seconds)
 def test_a_background_save_that_raises_anything_is_a_failure_of_its_step(tmp_path, tiny_model_dir, examples,
                                                                          monkeypatch):
     trainer = Trainer(tiny_model_dir, examples)

@@ -109,6 +109,7 @@ def setup(config_path: str | None, overrides: list[str]) -> Trainer:
     # Step 0 is the base model, still in memory here even when resuming (a crash may have cut its
     # publish short); the snapshot is taken before the resume state overwrites the weights.
     publish_if_due(trainer, None)
+    trainer.publisher.writer.fence()  # loading the resume state changes the weights being copied
     try:
         resumed = load_resume_state(run.resume_dir, model, optimizer, scheduler, device.device)
     except ResumeError:
@@ -126,6 +127,7 @@ def setup(config_path: str | None, overrides: list[str]) -> Trainer:
     if t.warmup_steps >= total_steps:
         logger.warning("training.warmup_steps=%d >= %d total steps: the learning rate never reaches its peak",
                        t.warmup_steps, total_steps)
+    trainer.resume_writer.allocate(model, optimizer)
     trainer.tracker = start_tracking(config, run.run_name, "train", run.log_path)
     return trainer
 
@@ -143,7 +145,8 @@ def train_loop(trainer: Trainer, stop: StopRequest) -> None:
                                             t.batch_size, t.packing, pad_id, t.max_tokens_per_micro_batch)
         try:
             result = train_step(trainer.model, micro_batches, trainer.optimizer, trainer.scheduler, t.max_grad_norm,
-                                trainer.device.device, trainer.device.autocast_dtype)
+                                trainer.device.device, trainer.device.autocast_dtype,
+                                before_update=lambda: [writer.fence() for writer in writers])
         except torch.OutOfMemoryError:
             logger.error("out of GPU memory at step %d; lower training.max_tokens_per_micro_batch (same effective "
                          "batch) or set training.gradient_checkpointing=true, then resume", state.step + 1)
@@ -154,12 +157,10 @@ def train_loop(trainer: Trainer, stop: StopRequest) -> None:
         state.data_epoch, state.data_index = trainer.stream.epoch, trainer.stream.index
         state.last_learning_rate = result.learning_rate
         trainer.last_loss = result.loss  # stays on the device; read only when a checkpoint or resume state needs it
-        window.add(result)
         bar.update(1)
-        if state.step % trainer.config.logging.log_every == 0 or state.step == trainer.total_steps:
-            metrics = window.flush(trainer.stream.epoch_progress, state.tokens_seen)
-            trainer.tracker.log(metrics, state.step)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/learning_rate']:.2e}")
+        last = state.step == trainer.total_steps
+        _log(trainer, bar, window.add(result, state.step, state.step % trainer.config.logging.log_every == 0 or last,
+                                      trainer.stream.epoch_progress, state.tokens_seen, last))
         for writer in writers:
             writer.poll()  # a failed write is reported now, not at the next save
         if any(writer.disk_full for writer in writers):
@@ -170,7 +171,14 @@ def train_loop(trainer: Trainer, stop: StopRequest) -> None:
             save_resume_state(trainer)
         if stop.requested:
             trainer.stopped_by = "signal"
+    _log(trainer, bar, window.drain())
     bar.close()
+
+
+def _log(trainer: Trainer, bar: tqdm, windows: list[tuple[int, dict]]) -> None:
+    for step, metrics in windows:
+        trainer.tracker.log(metrics, step)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/learning_rate']:.2e}")
 
 
 def publish_if_due(trainer: Trainer, loss: torch.Tensor | float | None) -> None:

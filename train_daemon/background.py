@@ -1,8 +1,10 @@
 """Write large state to disk without holding up training (used by the publisher and resume writer).
 
-The pattern: copy the tensors to host memory now (pinned buffers, non-blocking copies, one sync
-on CUDA: well under a second for a 1.5B model), then write them on a single-worker
-`concurrent.futures.ThreadPoolExecutor` while training goes on. At most one write per writer is in
+The pattern: queue copies of the tensors into pinned host buffers on a side CUDA stream (the
+training thread does not wait for them: the next optimizer step waits on the GPU, in `fence()`,
+before it changes the weights), then write them on a single-worker
+`concurrent.futures.ThreadPoolExecutor`, whose thread first waits for the copies, while training
+goes on. At most one write per writer is in
 flight; the host buffers are reused, which is safe because a new snapshot waits for the previous
 write to finish. Whatever the write raises (an OSError, safetensors' SafetensorError or
 torch.save's RuntimeError on a full disk, a bug) is held by its future and re-raised in the
@@ -15,6 +17,7 @@ torch.save raises on a full disk); MATHSFT_TEST_WRITE_FAULT_FROM_STEP=<step> lim
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -53,6 +56,28 @@ class BackgroundWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=what.replace(" ", "-"))
         self._future: Future | None = None
         self._step, self._bytes = 0, 0
+        self._stream: torch.cuda.Stream | None = None  # the side stream of the snapshot copies
+        self._copied: torch.cuda.Event | None = None  # recorded after the latest snapshot's copies
+
+    def snapshot(self, tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 dtype: Callable[[torch.Tensor], torch.dtype] = lambda t: t.dtype) -> dict[str, torch.Tensor]:
+        """Host copies of `tensors` as they are after the work queued so far (see copy_to_host); on
+        CUDA the copies are still in flight when this returns: fence() before changing the originals."""
+        device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
+        if device is None:
+            return copy_to_host(tensors, buffers, dtype)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        copies = copy_to_host(tensors, buffers, dtype, self._stream)
+        self._copied = torch.cuda.Event()
+        self._copied.record(self._stream)
+        return copies
+
+    def fence(self) -> None:
+        """Make the current CUDA stream wait (on the GPU, the host goes on) for the snapshot copies."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._copied)
+            self._copied = None
 
     def submit(self, step: int, nbytes: int, write: Callable[..., Any], *args: Any) -> None:
         """Run write(*args) in the background; wait() first (the snapshot must not race the last write)."""
@@ -61,7 +86,7 @@ class BackgroundWriter:
             self.failures.append(WriteFailure(self.what, step, "not attempted: the disk is full", True))
             return
         self._step, self._bytes = step, nbytes
-        self._future = self._executor.submit(write, *args)
+        self._future = self._executor.submit(_after, self._copied, write, *args)
 
     def poll(self) -> None:
         """Collect the in-flight write if it has finished (never blocks)."""
@@ -98,6 +123,12 @@ class BackgroundWriter:
                      else f"{type(exc).__name__}: {first_line(exc, 'no message')}")
             self.failures.append(WriteFailure(self.what, self._step, cause, full))
             logger.error("step %d: %s not saved: %s", self._step, self.what, cause)
+
+
+def _after(copied: torch.cuda.Event | None, write: Callable[..., Any], *args: Any) -> Any:
+    if copied is not None:
+        copied.synchronize()  # the host copies are complete (this thread waits, not training)
+    return write(*args)
 
 
 def is_disk_full(exc: BaseException, directory: Path, needed_bytes: int) -> bool:
@@ -149,22 +180,34 @@ def host_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def copy_to_host(tensors: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                 dtype: Callable[[torch.Tensor], torch.dtype] = lambda t: t.dtype) -> dict[str, torch.Tensor]:
-    """Host copies of `tensors` (cast to dtype(t)), taken now; `buffers` holds reusable pinned
-    memory for CUDA tensors and is filled on first use. CPU tensors are simply cloned."""
-    copies, device = {}, None
-    for name, tensor in tensors.items():
-        tensor = tensor.detach()
-        if tensor.device.type != "cuda":
-            copies[name] = tensor.to(dtype(tensor), copy=True)
-            continue
-        device = tensor.device
-        buffer = buffers.get(name)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != dtype(tensor):
-            buffer = buffers[name] = torch.empty(tensor.shape, dtype=dtype(tensor), pin_memory=True)
-        # Cast on the GPU first: for bf16 checkpoints half the bytes cross PCIe.
-        buffer.copy_(tensor.to(dtype(tensor)), non_blocking=True)
-        copies[name] = buffer
-    if device is not None:
-        torch.cuda.synchronize(device)
+                 dtype: Callable[[torch.Tensor], torch.dtype] = lambda t: t.dtype,
+                 stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
+    """Host copies of `tensors` (cast to dtype(t)); `buffers` holds reusable pinned memory for CUDA
+    tensors (filled on first use, or ahead by pinned_buffers). CPU tensors are simply cloned.
+    Without `stream` the copies are complete on return (one sync); with it they are queued on that
+    stream after the work already queued on the current one, and the function returns at once."""
+    copies = {}
+    cuda = [t for t in tensors.values() if t.device.type == "cuda"]
+    if cuda and stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(cuda[0].device))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for name, tensor in tensors.items():
+            tensor = tensor.detach()
+            if tensor.device.type != "cuda":
+                copies[name] = tensor.to(dtype(tensor), copy=True)
+                continue
+            buffer = buffers.get(name)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != dtype(tensor):
+                buffer = buffers[name] = torch.empty(tensor.shape, dtype=dtype(tensor), pin_memory=True)
+            # Cast on the GPU first: for bf16 checkpoints half the bytes cross PCIe.
+            buffer.copy_(tensor.to(dtype(tensor)), non_blocking=True)
+            copies[name] = buffer
+    if cuda and stream is None:
+        torch.cuda.synchronize(cuda[0].device)
     return copies
+
+
+def pinned_buffers(specs: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Pinned host buffers for copy_to_host, allocated now: pinning ~18 GB takes seconds, and done on
+    first use inside the training loop it stalled training for ~10 s."""
+    return {name: torch.empty(shape, dtype=dtype, pin_memory=True) for name, (shape, dtype) in specs.items()}

@@ -50,8 +50,14 @@ class MicroBatch:
         return int(self.target_ids.numel())
 
     def to(self, device: torch.device) -> MicroBatch:
+        # From pinned memory the copy is truly asynchronous; from pageable memory CUDA may wait for
+        # the stream first, which would stall the host until the GPU has drained its queue.
+        pin = device.type == "cuda"
+
         def move(tensor):
-            return None if tensor is None else tensor.to(device, non_blocking=True)
+            if tensor is None:
+                return None
+            return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
 
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
                           move(self.target_index), move(self.target_ids), self.num_tokens,

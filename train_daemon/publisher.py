@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.contract import ManifestError, Sidecar, apply_retention, publish_checkpoint
-from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault
+from train_daemon.background import BackgroundWriter, host_bytes, inject_test_fault
 from train_daemon.weights import unique_state_dict
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CheckpointPublisher:
         if stalled > 0.1:
             logger.warning("step %d: training waited %.1f s for the previous checkpoint write", step, stalled)
         start = time.monotonic()
-        weights = copy_to_host(unique_state_dict(model), self._buffers, self._dtype)
+        weights = self.writer.snapshot(unique_state_dict(model), self._buffers, self._dtype)
         snapshot_seconds = time.monotonic() - start
         self.writer.submit(step, host_bytes(weights), self._write, step, weights, sidecar, metrics, snapshot_seconds)
 

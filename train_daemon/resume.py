@@ -23,13 +23,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from common.contract import step_dir_name
 from common.durable import TEMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
-from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault
+from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault, pinned_buffers
 from train_daemon.weights import load_weights, unique_state_dict
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ class ResumeSnapshot:
     trainer: dict  # scheduler state + RNG states
 
 
-def snapshot_resume_state(state: TrainerState, model, optimizer, scheduler,
-                          buffers: dict[str, torch.Tensor]) -> ResumeSnapshot:
+def snapshot_resume_state(state: TrainerState, model, optimizer, scheduler, buffers: dict[str, torch.Tensor],
+                          copy_tensors: Callable[..., dict[str, torch.Tensor]] = copy_to_host) -> ResumeSnapshot:
     """Host copies of the state at this step; training may change the originals right after.
     The optimizer's tensors (AdamW moments, step counts) are copied like the weights."""
     optimizer_state = optimizer.state_dict()
     tensors = _tensors(optimizer_state["state"])
-    copies = copy_to_host({**{f"model.{k}": v for k, v in unique_state_dict(model).items()},
+    copies = copy_tensors({**{f"model.{k}": v for k, v in unique_state_dict(model).items()},
                            **{f"optimizer.{k}": v for k, v in tensors.items()}}, buffers)
     host_state = {index: {key: copies.get(f"optimizer.{index}.{key}", value) for key, value in entry.items()}
                   for index, entry in optimizer_state["state"].items()}
@@ -120,12 +121,30 @@ class ResumeWriter:
         self.writer = BackgroundWriter("resume state", resume_dir)
         self._buffers: dict[str, torch.Tensor] = {}
 
+    def allocate(self, model, optimizer) -> None:
+        """Pin the host buffers of the first snapshot now, before training (on a GPU). The names and
+        shapes are those snapshot_resume_state copies: the weights, and AdamW's two moments and
+        step count per parameter (its state exists only after the first step)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not params or params[0].device.type != "cuda" or not isinstance(optimizer, torch.optim.AdamW):
+            return
+        step_dtype = torch.float32  # AdamW's step count when it lives on the device (fused/capturable)
+        specs = {f"model.{name}": (t.shape, t.dtype) for name, t in unique_state_dict(model).items()}
+        for index, param in enumerate(params):  # the indices of optimizer.state_dict()
+            specs.update({f"optimizer.{index}.exp_avg": (param.shape, param.dtype),
+                          f"optimizer.{index}.exp_avg_sq": (param.shape, param.dtype),
+                          f"optimizer.{index}.step": (torch.Size([]), step_dtype)})
+        start = time.monotonic()
+        self._buffers.update(pinned_buffers(specs))
+        logger.info("resume state: %.1f GB of pinned host memory allocated in %.1f s",
+                    host_bytes(self._buffers) / 1e9, time.monotonic() - start)
+
     def save(self, state: TrainerState, model, optimizer, scheduler) -> None:
         stalled = self.writer.wait()
         if stalled > 0.1:
             logger.warning("step %d: training waited %.1f s for the previous resume-state write", state.step, stalled)
         start = time.monotonic()
-        snapshot = snapshot_resume_state(state, model, optimizer, scheduler, self._buffers)
+        snapshot = snapshot_resume_state(state, model, optimizer, scheduler, self._buffers, self.writer.snapshot)
         logger.info("step %d: resume state copied to host memory in %.1f s", state.step, time.monotonic() - start)
         self.requested_step = state.step
         nbytes = host_bytes(snapshot.weights) + host_bytes(_tensors(snapshot.optimizer["state"]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -46,15 +47,20 @@ def forward_backward(model, micro_batch: MicroBatch, step_target_tokens: int,
 
 
 def train_step(model, micro_batches: list[MicroBatch], optimizer, scheduler, max_grad_norm: float,
-               device: torch.device, autocast_dtype: torch.dtype | None) -> StepResult:
-    """Accumulate gradients over the micro-batches, clip, step the optimizer and the schedule."""
+               device: torch.device, autocast_dtype: torch.dtype | None,
+               before_update: Callable[[], None] | None = None) -> StepResult:
+    """Accumulate gradients over the micro-batches, clip, step the optimizer and the schedule.
+    `before_update` runs right before the weights change (a snapshot copy in flight waits there)."""
     step_target_tokens = sum(mb.num_target_tokens for mb in micro_batches)
     loss_sum = torch.zeros((), device=device)
-    for micro_batch in micro_batches:
-        part, _ = forward_backward(model, micro_batch.to(device), step_target_tokens, autocast_dtype)
+    on_device = [micro_batch.to(device) for micro_batch in micro_batches]  # all copies queued up front
+    for micro_batch in on_device:
+        part, _ = forward_backward(model, micro_batch, step_target_tokens, autocast_dtype)
         loss_sum += part
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     learning_rate = optimizer.param_groups[0]["lr"]
+    if before_update is not None:
+        before_update()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
