@@ -166,8 +166,11 @@ def train_loop(trainer: Trainer, stop: StopRequest) -> None:
         if any(writer.disk_full for writer in writers):
             trainer.stopped_by = "disk full"  # nothing more can be saved: training on would be lost
             break
+        saving = state.step % t.save_resume_every == 0
+        if saving or publish_due(trainer):  # both read the loss (a sync) and may wait for a write:
+            _log(trainer, bar, window.drain())  # this step's metrics go out first
         publish_if_due(trainer, result.loss)
-        if state.step % t.save_resume_every == 0:
+        if saving:
             save_resume_state(trainer)
         if stop.requested:
             trainer.stopped_by = "signal"
@@ -184,9 +187,7 @@ def _log(trainer: Trainer, bar: tqdm, windows: list[tuple[int, dict]]) -> None:
 def publish_if_due(trainer: Trainer, loss: torch.Tensor | float | None) -> None:
     """Publish the current step if it is step 0, a multiple of eval_every or the last step."""
     step, run = trainer.state.step, trainer.run
-    due = step == 0 or step % trainer.config.training.eval_every == 0 or step == trainer.total_steps
-    # A step already listed (or evaluated and then deleted by retention) is not re-published.
-    if not due or step in trainer.published or is_evaluated(run.checkpoints_dir, step):
+    if not publish_due(trainer):
         return
     trainer.state.last_loss = None if loss is None else float(loss)
     metrics = {"train_loss": trainer.state.last_loss, "learning_rate": trainer.state.last_learning_rate,
@@ -195,6 +196,13 @@ def publish_if_due(trainer: Trainer, loss: torch.Tensor | float | None) -> None:
                       base_model=trainer.config.model.name_or_path, metrics=metrics, config=to_dict(trainer.config))
     trainer.publisher.publish(trainer.model, step, sidecar, metrics)
     trainer.published.add(step)
+
+
+def publish_due(trainer: Trainer) -> bool:
+    step = trainer.state.step
+    due = step == 0 or step % trainer.config.training.eval_every == 0 or step == trainer.total_steps
+    # A step already listed (or evaluated and then deleted by retention) is not re-published.
+    return due and step not in trainer.published and not is_evaluated(trainer.run.checkpoints_dir, step)
 
 
 def save_resume_state(trainer: Trainer) -> None:
