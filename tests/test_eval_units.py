@@ -427,3 +427,21 @@ def test_hf_engine_entropy_is_the_same_in_any_batching(tiny_model_dir, monkeypat
     assert all(t is not None for t in together)
     assert together == pytest.approx(alone, rel=1e-4)
     engine.close()
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_vllm_progress_bar_factory_takes_what_vllm_passes_and_checks_the_stop_flag(shown):
+    """vLLM calls the factory both as tqdm(total=..., desc=...) and as tqdm(iterable, desc=...); every
+    update is where a pending stop is noticed inside generation."""
+    from eval_daemon.engines.vllm import VllmEngine
+
+    engine = VllmEngine("cpu", "float32", 0.5, 512, 0, "")
+    calls = []
+    engine.interrupt = lambda: calls.append(1)
+    factory = engine._progress_bar(shown)
+    assert list(factory([1, 2, 3], desc="Adding requests")) == [1, 2, 3]
+    bar = factory(total=2, desc="Processed prompts", dynamic_ncols=True)
+    bar.update(1)
+    bar.update(1)
+    bar.close()
+    assert len(calls) == 2

@@ -117,7 +117,11 @@ class VllmEngine:
                 interrupt()
                 return super().update(n)
 
-        return lambda **kwargs: InterruptibleBar(disable=not shown, **kwargs)
+        def make_bar(*args, **kwargs):  # vLLM also wraps iterables: tqdm(prompts, desc="Adding requests")
+            kwargs["disable"] = kwargs.get("disable", False) or not shown
+            return InterruptibleBar(*args, **kwargs)
+
+        return make_bar
 
     def _generation_params(self, sampling: Sampling, prompt: str):
         """One request's SamplingParams (bench/eval_full.py overrides it to force response lengths)."""
