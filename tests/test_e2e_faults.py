@@ -111,6 +111,7 @@ def scenario(tmp_path_factory):
         seen["e2_log"] = e2.log()
         seen["final"] = evaluations(db)
         seen["manifest_final"] = read_manifest(run_dir).steps()
+        seen["markers_e2"] = sorted(p.name for p in run_dir.rglob("*.done"))
 
         # 5. E3, started after training finished, with an eval configuration of its own (a new eval key)
         late = "%-m20-%"
@@ -132,8 +133,10 @@ def test_every_published_checkpoint_ends_up_in_the_store_exactly_once(scenario):
     assert scenario["manifest_final"] == STEPS
     assert scenario["final"] == [(RUN_ID, step, "ok", TEST_INPUTS.test_problems) for step in STEPS]
     # Every evaluation left its marker for the trainer's retention.
+    assert len(scenario["markers_e2"]) == len(STEPS), scenario["markers_e2"]
+    # ... and E3's evaluations under their own eval key, one more marker per step.
     markers = sorted(p.name for p in scenario["run_dir"].rglob("*.done"))
-    assert len(markers) == len(STEPS), markers
+    assert len(markers) == 2 * len(STEPS), markers
 
 
 def test_kill_9_of_the_trainer_mid_publish_leaves_nothing_partial_and_training_resumes(scenario):
