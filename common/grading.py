@@ -455,8 +455,13 @@ class Grader:
                 if not todo:
                     break
                 pool = self._running_pool()
-                futures = [pool.schedule(_check_with_deadline, (*pairs[index], timeout_s),
-                                         timeout=timeout_s + HARD_KILL_GRACE_S) for index in todo]
+                try:
+                    futures = [pool.schedule(_check_with_deadline, (*pairs[index], timeout_s),
+                                             timeout=timeout_s + HARD_KILL_GRACE_S) for index in todo]
+                except RuntimeError:  # pebble refuses work once its pool is in ERROR (a worker died while idle)
+                    logger.warning("the grading pool broke while idle; restarting it")
+                    self.close()
+                    continue
                 for index, future in zip(todo, futures):
                     verdict = _verdict(future, deadline)
                     if verdict is not None:
