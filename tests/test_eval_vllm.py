@@ -35,7 +35,7 @@ def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(
     code, log = run_daemon(tmp_path, daemon_args(math_dir, "--once", "evaluation.temperature=0", engine="vllm"),
                            timeout=400)
     assert code == 0, log[-4000:]
-    assert log.count("vLLM engine started") == 1  # one engine for both checkpoints
+    assert log.count("vllm engine started on") == 1  # one engine for both checkpoints
     assert "into the live vLLM engine" in log and "'tied_head_refreshed': True" in log
     prompts, responses_10, _ = _responses(db, 10)
     _, responses_20, entropies_20 = _responses(db, 20)

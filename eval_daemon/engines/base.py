@@ -280,4 +280,4 @@ def load_reusing(engine, model_path: str) -> None:
     engine.start(model_path)
     engine.fingerprint = fingerprint
     engine.last_load = {"kind": "start", "seconds": time.perf_counter() - started}
-    logger.info("%s engine loaded %s in %.1f s", engine.name, model_path, engine.last_load["seconds"])
+    logger.info("%s engine started on %s in %.1f s", engine.name, model_path, engine.last_load["seconds"])
