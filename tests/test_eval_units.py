@@ -443,5 +443,6 @@ def test_vllm_progress_bar_factory_takes_what_vllm_passes_and_checks_the_stop_fl
     bar = factory(total=2, desc="Processed prompts", dynamic_ncols=True)
     bar.update(1)
     bar.update(1)
+    assert bar.format_dict["elapsed"] > 0  # vLLM divides by it after generation
     bar.close()
     assert len(calls) == 2

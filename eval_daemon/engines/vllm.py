@@ -80,7 +80,7 @@ class VllmEngine:
             return False
         # Cached KV blocks were computed with the old weights: never reuse them.
         self.llm.reset_prefix_cache()
-        logger.debug("reload of %s: %s", model_path, results[0])
+        logger.info("loaded %s into the live vLLM engine (%s)", model_path, results[0])  # the tied-head fix reports here
         return True
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
@@ -118,7 +118,9 @@ class VllmEngine:
                 return super().update(n)
 
         def make_bar(*args, **kwargs):  # vLLM also wraps iterables: tqdm(prompts, desc="Adding requests")
-            kwargs["disable"] = kwargs.get("disable", False) or not shown
+            if not shown:
+                # Not disable=True: vLLM divides by the bar's elapsed time, which a disabled bar leaves at 0.
+                kwargs["file"] = _Discard()
             return InterruptibleBar(*args, **kwargs)
 
         return make_bar
@@ -209,3 +211,11 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+class _Discard:
+    """A file that drops what a hidden progress bar writes."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
