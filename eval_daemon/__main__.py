@@ -92,6 +92,11 @@ class Context:
     subset_set: EvalSet | None = None
     subset_key: str = ""
 
+    @property
+    def done_statuses(self) -> tuple[str, ...]:
+        """The recorded statuses that make a checkpoint done: a failed row is pending again with --retry-failed."""
+        return ("ok",) if self.retry_failed else ("ok", "failed")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -328,7 +333,7 @@ def pending_work(ctx: Context, warn: WarnOnce) -> tuple[list[Work], int]:
     e = ctx.config.evaluation
     published = scan_published(ctx.layout.checkpoints, warn)
     try:
-        recorded = recorded_keys(ctx.layout.store, statuses=("ok",) if ctx.retry_failed else ("ok", "failed"))
+        recorded = recorded_keys(ctx.layout.store, statuses=ctx.done_statuses)
     except StoreError as exc:  # the store is busy or unreadable now; the next scan tries again
         logger.warning("cannot read the store (%s); retrying in %.0f s", exc, e.reconcile_interval_s)
         return [], 0
@@ -363,7 +368,8 @@ def for_work(ctx: Context, work: Work) -> tuple[Context, Checkpoint]:
 def _recorded_meanwhile(ctx: Context, checkpoint: Checkpoint) -> bool:
     """Whether another worker recorded the checkpoint between this worker's scan and its claim."""
     try:
-        return is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key)
+        # The statuses of the scan: with --retry-failed a failed row is not "recorded" (a busy loop otherwise).
+        return is_recorded(ctx.layout.store, checkpoint.run_id, checkpoint.step, ctx.eval_key, ctx.done_statuses)
     except StoreError as exc:  # busy or unreadable now: evaluate; the commit refuses a second row anyway
         logger.warning("cannot read the store (%s); evaluating run %s step %d", exc, checkpoint.run_id, checkpoint.step)
         return False
@@ -371,8 +377,7 @@ def _recorded_meanwhile(ctx: Context, checkpoint: Checkpoint) -> bool:
 
 def evaluate_single(ctx: Context, model: str, run_id: str = "") -> int:
     checkpoint = checkpoint_from_argument(model, run_id)
-    statuses = ("ok",) if ctx.retry_failed else ("ok", "failed")
-    if (checkpoint.run_id, checkpoint.step, ctx.eval_key) in recorded_keys(ctx.layout.store, statuses=statuses):
+    if (checkpoint.run_id, checkpoint.step, ctx.eval_key) in recorded_keys(ctx.layout.store, statuses=ctx.done_statuses):
         logger.info("%s (run %s step %d) is already recorded for %s; nothing to do%s", model, checkpoint.run_id,
                     checkpoint.step, ctx.eval_key, "" if ctx.retry_failed else " (--retry-failed evaluates a failed one again)")
         code = 0

@@ -105,14 +105,14 @@ def mark_tracked(db_path: str | Path, run_id: str, step: int, key: str,
 
 
 def is_recorded(db_path: str | Path, run_id: str, step: int, eval_key: str,
-                timeout_s: float = LOCK_TIMEOUT_S) -> bool:
-    """True when an evaluation (ok or failed) of this checkpoint with this eval config is stored."""
+                statuses: tuple[str, ...] = ("ok", "failed"), timeout_s: float = LOCK_TIMEOUT_S) -> bool:
+    """True when an evaluation of this checkpoint with this eval config is stored with one of `statuses`."""
     if not Path(db_path).exists():
         return False
     with connect_read_only(db_path, timeout_s) as con:
         if not _has_schema(con):
             return False
-        return _recorded_status(con, run_id, step, eval_key) is not None
+        return _recorded_status(con, run_id, step, eval_key) in statuses
 
 
 def _has_schema(con: duckdb.DuckDBPyConnection) -> bool:
