@@ -32,7 +32,7 @@ def imported_modules(importtime_stderr: str) -> set[str]:
 
 
 @pytest.mark.slow  # a real process
-@pytest.mark.parametrize("module", ["eval_daemon"])
+@pytest.mark.parametrize("module", ["train_daemon", "eval_daemon"])
 def test_help_answers_without_importing_torch(module):
     done = run(module, "--help", python_flags=("-X", "importtime"))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -40,6 +40,14 @@ def test_help_answers_without_importing_torch(module):
     assert "argparse" in imported  # the parse really was traced
     assert not imported & {"torch", "vllm", "transformers"}
     assert "Configuration reference" in done.stdout and "--print-config" in done.stdout
+
+
+@pytest.mark.slow  # a real process
+def test_train_help_says_how_to_resume_and_where_the_keys_are():
+    done = run("train_daemon", "--help")
+    assert done.returncode == 0
+    assert "training.run_id=<id>" in done.stdout and "resume" in done.stdout
+    assert "Configuration reference" in done.stdout
 
 
 @pytest.mark.slow  # a real process
@@ -51,7 +59,7 @@ def test_eval_help_shows_evaluation_examples_not_training_ones():
 
 
 @pytest.mark.slow  # a real process
-@pytest.mark.parametrize("module", ["eval_daemon", "common.demo.run"])
+@pytest.mark.parametrize("module", ["train_daemon", "eval_daemon", "common.demo.run"])
 def test_print_config_prints_the_resolved_config_that_loads_back(module, tmp_path):
     done = run(module, "--config", "config/sft_config.yaml", "--print-config", "training.max_steps=7",
                "evaluation.temperature=0")
@@ -65,6 +73,8 @@ def test_print_config_prints_the_resolved_config_that_loads_back(module, tmp_pat
 
 @pytest.mark.slow  # a real process
 @pytest.mark.parametrize("module, args", [
+    ("train_daemon", ["training.lerning_rate=1e-5"]),
+    ("train_daemon", ["--bogus"]),
     ("eval_daemon", ["--print-config", "training.batch_size=0"]),
     ("eval_daemon", ["evaluation.tempreature=0"]),
     ("eval_daemon", ["--once", "--checkpoint", "x"]),
