@@ -153,7 +153,8 @@ def main() -> None:
         with Grader(workers=e.grading_workers) as grader:
             grader.start()
             ctx = Context(config=config, layout=Layout.of(config), device=device, eval_set=eval_set, sampling=sampling,
-                          eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
+                          eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed,
+                                            samples_per_problem=e.samples_per_problem),
                           worker_id="bench", engine=engine, grader=grader, stop=StopSignal(),
                           trackers=Trackers(config, "bench", None))
             # The first evaluation of a process also pays one-off costs (DuckDB/Arrow imports, store

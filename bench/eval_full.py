@@ -135,7 +135,8 @@ def main() -> None:
             grader.start()
             stop = StopSignal()
             ctx = Context(config=config, layout=Layout.of(config), device="cuda:0" if on_gpu else "cpu", eval_set=eval_set, sampling=sampling,
-                          eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed),
+                          eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed,
+                                            samples_per_problem=e.samples_per_problem),
                           worker_id="bench", engine=engine, grader=grader, stop=stop,
                           trackers=Trackers(config, "bench", None))
             # Step 0 (already published) is evaluated first, like a daemon that starts on a run;
@@ -317,10 +318,10 @@ class ForcedLengthEngine:
 
                 self.llm.generate = counted_generate
 
-            def _generation_params(self, sampling, prompt):
+            def _generation_params(self, sampling, prompt, n=1):
                 from vllm import SamplingParams
 
-                return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=lengths[prompt],
+                return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=lengths[prompt],
                                       min_tokens=lengths[prompt], ignore_eos=True)
 
         return _Engine(device, dtype, memory, max_model_len, seed, tokenizer_fallback=str(model))

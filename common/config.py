@@ -143,6 +143,7 @@ class EvaluationConfig:
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 2048
     entropy_sample_size: int = 256  # responses whose mean token entropy is scored (0: none)
+    samples_per_problem: int = 1  # k responses per problem, in the same engine call (pass@k, maj@k)
     poll_observer: bool = False  # watchdog PollingObserver (network filesystems)
     reconcile_interval_s: float = 30.0
     environment_retries: int = 3  # tries of a checkpoint whose evaluation the machine failed (OOM, driver, network)
@@ -383,6 +384,10 @@ def validate(config: Config, where: Sources | None = None) -> None:
     _require(e.schedule in ("keep_up", "latest", "in_order"), "evaluation.schedule", "must be keep_up, latest or in_order")
     _require(e.keep_up_subset >= 1, "evaluation.keep_up_subset", "must be >= 1")
     _require(0 < e.gpu_memory_utilization <= 1, "evaluation.gpu_memory_utilization", "must be in (0, 1]")
+    _require(e.samples_per_problem >= 1, "evaluation.samples_per_problem", "must be >= 1")
+    _require(e.samples_per_problem == 1 or e.temperature > 0, "evaluation.samples_per_problem",
+             f"is {e.samples_per_problem} with greedy decoding (temperature 0), which gives {e.samples_per_problem} "
+             "identical responses; set evaluation.temperature > 0 or samples_per_problem=1")
     _require(e.entropy_sample_size >= 0, "evaluation.entropy_sample_size", "must be >= 0")
     _require(e.grading_timeout_s > 0, "evaluation.grading_timeout_s", "must be > 0")
     _require(e.grading_workers >= 1, "evaluation.grading_workers", "must be >= 1")

@@ -166,7 +166,8 @@ def build_context(config: Config, device: str, stop: StopSignal, eval_set: EvalS
     engine.interrupt = stop.check  # the flag path of shutdown, inside the generation loop
     keyed = keyed_inputs(config, template_text, eval_set.examples, engine.name, engine.dtype)
     return Context(config=config, layout=layout, device=device, eval_set=eval_set, sampling=sampling,
-                   eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed, keyed),
+                   eval_key=eval_key(e.eval_set, sampling.as_dict(), e.num_eval_samples, e.seed, keyed,
+                                    e.samples_per_problem),
                    worker_id=worker_id, engine=engine, grader=Grader(workers=e.grading_workers), stop=stop,
                    trackers=Trackers(config, worker_id, layout.eval_logs / "eval_metrics.jsonl"),
                    fingerprint=fingerprint(keyed, sampling.as_dict(), engine.name, device),
@@ -350,7 +351,8 @@ def add_keep_up_subset(ctx: Context) -> None:
     if subset is not None:
         ctx.subset_set = subset
         keyed = keyed_inputs(ctx.config, ctx.template_text, subset.examples, ctx.engine.name, ctx.engine.dtype)
-        ctx.subset_key = eval_key(subset.name, ctx.sampling.as_dict(), e.num_eval_samples, e.seed, keyed)
+        ctx.subset_key = eval_key(subset.name, ctx.sampling.as_dict(), e.num_eval_samples, e.seed, keyed,
+                                  e.samples_per_problem)
         logger.info("schedule keep_up: quick evaluations on %d of %d problems (eval key %s) while behind",
                     len(subset.examples), len(ctx.eval_set.examples), ctx.subset_key)
 

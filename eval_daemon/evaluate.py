@@ -1,9 +1,10 @@
 """One evaluation of the loaded model: prompts -> generate (with the entropy subsample) -> grade -> samples + metrics.
 
-Every example becomes one sample row (the store's `samples` columns): prompt, problem, response,
+Every response becomes one sample row (the store's `samples` columns; with
+evaluation.samples_per_problem k, a problem has k rows, sample_index 0..k-1): prompt, problem, response,
 ground truth, solution, subject, level, problem id, rewards, category, format failure type,
 response length in tokens, finish reason, token entropy (None outside the entropy subsample) and
-the grader's note. Categories: `correct` (format 1, answer 1), `wrong_answer` (format 1,
+the grader's note, the normalised answer (maj@k votes on it). Categories: `correct` (format 1, answer 1), `wrong_answer` (format 1,
 answer 0), `format_failure` (format 0; the type comes from common.grading.format_failure_type,
 where `incomplete_generation` wins whenever max_tokens cut the response).
 Used by `bin/eval` (eval_daemon/__main__.py) and bench/eval_engine_reuse.py.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from common.config import EvaluationConfig
 from common.data import MathExample, build_prompt, check_eval_set, load_math, load_prompt_template, select_subset
-from common.grading import Grader
+from common.grading import Grader, extract_answer, strip_string
 from common.store.writer import stratified_set_name
 from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
 from eval_daemon.entropy import sample_indices
@@ -34,7 +35,8 @@ class EvalSet:
     name: str  # evaluation.eval_set: math | math500
     examples: list[MathExample]
     prompts: list[str]
-    entropy_indices: list[int]  # the fixed subsample whose token entropy is scored
+    entropy_indices: list[int]  # the fixed subsample whose token entropy is scored (its first response)
+    samples_per_problem: int = 1  # k responses per problem, generated in the same engine call
 
 
 @dataclass
@@ -56,7 +58,8 @@ def load_eval_set(evaluation: EvaluationConfig, prompt_template: str) -> EvalSet
     indices = sample_indices(len(examples), evaluation.entropy_sample_size, evaluation.seed)
     logger.info("eval set %s: %d problems from %s (entropy scored on %d)", evaluation.eval_set, len(examples),
                 source, len(indices))
-    return EvalSet(name=evaluation.eval_set, examples=examples, prompts=prompts, entropy_indices=indices)
+    return EvalSet(name=evaluation.eval_set, examples=examples, prompts=prompts, entropy_indices=indices,
+                   samples_per_problem=evaluation.samples_per_problem)
 
 
 def stratified_subset(eval_set: EvalSet, size: int, seed: int, entropy_sample_size: int) -> EvalSet | None:
@@ -79,28 +82,33 @@ def stratified_subset(eval_set: EvalSet, size: int, seed: int, entropy_sample_si
     chosen = sorted(i for key in sorted(strata) for i in rng.sample(strata[key], quota[key]))
     examples = [eval_set.examples[i] for i in chosen]
     return EvalSet(name=stratified_set_name(eval_set.name, size), examples=examples, prompts=[eval_set.prompts[i] for i in chosen],
-                   entropy_indices=sample_indices(len(examples), entropy_sample_size, seed))
+                   entropy_indices=sample_indices(len(examples), entropy_sample_size, seed),
+                   samples_per_problem=eval_set.samples_per_problem)
 
 
 def run_evaluation(engine: GenerationEngine, eval_set: EvalSet, sampling: Sampling, grader: Grader,
                    grading_timeout_s: float, progress: bool, gpu_device: str = "cpu") -> EvalResult:
     """Evaluate the engine's loaded model on the eval set; never raises on odd model output."""
     started = time.perf_counter()
+    k = eval_set.samples_per_problem
     with GpuSampler(gpu_device) as gpu:
-        # One call (continuous batching); the engine then scores the entropy subsample.
-        generations = engine.generate(eval_set.prompts, sampling, progress, entropy_rows=eval_set.entropy_indices)
+        # One call (continuous batching); the engine then scores the entropy subsample (first responses).
+        generations = engine.generate(eval_set.prompts, sampling, progress,
+                                      entropy_rows=[i * k for i in eval_set.entropy_indices], samples_per_prompt=k)
     generated = time.perf_counter()
-    grades = grader.grade([g.text for g in generations], [e.answer for e in eval_set.examples], grading_timeout_s,
+    truths = [e.answer for e in eval_set.examples for _ in range(k)]
+    grades = grader.grade([g.text for g in generations], truths, grading_timeout_s,
                           [g.finish_reason for g in generations])
     graded = time.perf_counter()
-    scored = set(eval_set.entropy_indices)
-    samples = [make_sample(example, prompt, generation, grade, generation.token_entropy if index in scored else None)
-               for index, (example, prompt, generation, grade)
-               in enumerate(zip(eval_set.examples, eval_set.prompts, generations, grades))]
+    scored = {i * k for i in eval_set.entropy_indices}
+    samples = [make_sample(eval_set.examples[row // k], eval_set.prompts[row // k], generation, grade,
+                           generation.token_entropy if row in scored else None, sample_index=row % k)
+               for row, (generation, grade) in enumerate(zip(generations, grades))]
     # entropy_seconds: the part of generation_seconds spent scoring the entropy subsample.
     timings = {"generation_seconds": generated - started, "grading_seconds": graded - generated,
                "entropy_seconds": engine.entropy_seconds}
-    return EvalResult(samples=samples, metrics=summarize(samples, engine.entropy_method), timings=timings,
+    metrics = {**summarize(samples, engine.entropy_method), "samples_per_problem": k}
+    return EvalResult(samples=samples, metrics=metrics, timings=timings,
                       gpu=gpu.summary())
 
 
@@ -111,8 +119,9 @@ def categorize(format_reward: float, answer_reward: float) -> str:
 
 
 def make_sample(example: MathExample, prompt: str, generation: Generation, grade: dict,
-                entropy: float | None) -> dict:
+                entropy: float | None, sample_index: int = 0) -> dict:
     category = categorize(grade["format_reward"], grade["answer_reward"])
+    answer = extract_answer(generation.text) if category != "format_failure" else None
     return {
         "problem_id": example.problem_id, "subject": example.subject, "level": example.level,
         "problem": example.problem, "prompt": prompt, "response": generation.text,
@@ -122,6 +131,7 @@ def make_sample(example: MathExample, prompt: str, generation: Generation, grade
         "format_failure_type": grade["format_failure_type"] if category == "format_failure" else None,
         "response_length": generation.num_tokens, "finish_reason": generation.finish_reason,
         "token_entropy": entropy, "grading_note": grade["grading_note"] or None,
+        "sample_index": sample_index, "normalized_answer": None if answer is None else strip_string(answer),
     }
 
 

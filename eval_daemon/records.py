@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("num_test_cases", "num_correct", "num_format_correct", "num_wrong_answer", "num_format_failure",
                 "accuracy", "format_accuracy", "avg_response_length", "avg_response_length_correct",
-                "avg_response_length_incorrect", "avg_token_entropy", "entropy_method", "entropy_sample_size")
+                "avg_response_length_incorrect", "avg_token_entropy", "entropy_method", "entropy_sample_size",
+                "samples_per_problem")
 
 
 def file_timestamp() -> str:
@@ -110,8 +111,8 @@ def categories(samples: list[dict]) -> dict[str, list[dict]]:
     """The problems in each category, with what is needed to look one up in the eval log."""
     grouped: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
     for s in samples:
-        grouped[s["category"]].append({k: s[k] for k in ("problem_id", "subject", "level", "format_failure_type",
-                                                         "response_length", "finish_reason")})
+        grouped[s["category"]].append({k: s.get(k) for k in ("problem_id", "sample_index", "subject", "level",
+                                                             "format_failure_type", "response_length", "finish_reason")})
     return grouped
 
 

@@ -37,12 +37,20 @@ def test_dotted_overrides_are_typed_like_yaml():
     ("evaluation.engine=tensorrt", "evaluation.engine"),
     ("evaluation.top_p=0", "evaluation.top_p"),
     ("training.device=gpu0", "training.device"),
+    ("evaluation.samples_per_problem=0", "evaluation.samples_per_problem"),
 ])
 def test_bad_values_name_the_key(override, named):
     with pytest.raises(ConfigError) as info:
         load_config(REFERENCE, [override])
     message = str(info.value)
     assert named in message and "\n" not in message
+
+
+def test_greedy_with_several_samples_per_problem_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(REFERENCE, ["evaluation.samples_per_problem=4", "evaluation.temperature=0"])
+    assert "evaluation.samples_per_problem=4" in str(info.value) and "\n" not in str(info.value)
+    assert load_config(REFERENCE, ["evaluation.samples_per_problem=4"]).evaluation.samples_per_problem == 4
 
 
 def test_bad_yaml_file_is_one_line(tmp_path):

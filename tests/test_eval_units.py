@@ -197,9 +197,9 @@ class ScriptedEngine:
 
     entropy_seconds = 0.0
 
-    def generate(self, prompts, sampling, progress, entropy_rows=()):
+    def generate(self, prompts, sampling, progress, entropy_rows=(), samples_per_prompt=1):
         self.calls += 1
-        assert len(prompts) == len(self.responses)
+        assert len(prompts) * samples_per_prompt == len(self.responses)
         return [Generation(text=t, token_ids=list(range(len(t.split()))), prompt_token_ids=[1, 2], finish_reason=f,
                            num_tokens=len(t.split()), token_entropy=0.5 if k in entropy_rows else None)
                 for k, (t, f) in enumerate(self.responses)]
@@ -276,6 +276,23 @@ def test_evaluation_categories_files_and_store(tmp_path, math_dir):
         assert con.execute("SELECT count(*), sum(reward) FROM samples").fetchone() == (7, 3.0)
 
 
+def test_k_samples_per_problem_become_numbered_rows_with_normalised_answers(tmp_path, math_dir):
+    examples = load_math(str(math_dir), "test")[:2]  # answers 5 and 3
+    responses = [(" a </think> <answer> 5 </answer>", "stop"), (" b </think> <answer> \\dfrac{8}{2} </answer>", "stop"),
+                 (" c </think> <answer> 4 </answer>", "stop"), (" d no tags", "stop")]
+    engine = ScriptedEngine(responses)
+    eval_set = EvalSet("math", examples, [f"P: {e.problem}" for e in examples], entropy_indices=[1],
+                       samples_per_problem=2)
+    with Grader(workers=1) as grader:
+        result = run_evaluation(engine, eval_set, Sampling(1.0, 1.0, 32, ("</answer>",), 0), grader, 5.0, progress=False)
+    got = [(s["problem_id"], s["sample_index"], s["category"], s["normalized_answer"]) for s in result.samples]
+    assert got == [(examples[0].problem_id, 0, "correct", "5"), (examples[0].problem_id, 1, "wrong_answer", "\\frac{8}{2}"),
+                   (examples[1].problem_id, 0, "wrong_answer", "4"), (examples[1].problem_id, 1, "format_failure", None)]
+    # The entropy subsample scores each chosen problem's first response only (row 2 = problem 1, sample 0).
+    assert [s["token_entropy"] for s in result.samples] == [None, None, 0.5, None]
+    assert result.metrics["samples_per_problem"] == 2 and result.metrics["num_test_cases"] == 4
+
+
 # ---- the Hugging Face engine and checkpoint checks -----------------------------------------------
 
 
@@ -314,6 +331,19 @@ def test_fingerprint_decides_between_reload_and_restart(tmp_path, tiny_model_dir
     fingerprints = {model_fingerprint(str(p)) for p in (tiny_model_dir, other_tokenizer, other_arch)}
     assert len(fingerprints) == 3
     assert model_fingerprint("Qwen/Qwen2.5-Math-1.5B") is None  # hub ids: always a fresh engine
+
+
+@pytest.mark.slow  # a real model decodes (seconds)
+def test_hf_engine_gives_k_sampled_responses_per_prompt_in_one_call(tiny_model_dir):
+    engine = HfEngine("cpu", "float32", batch_size=8, max_model_len=512, seed=0, tokenizer_fallback="")
+    engine.load(str(tiny_model_dir))
+    prompts = ["What is $2+3$? <think>", "hello"]
+    generations = engine.generate(prompts, Sampling(1.0, 1.0, 12, (), 0), progress=False, samples_per_prompt=3)
+    engine.close()
+    assert len(generations) == 6
+    first, second = generations[0].prompt_token_ids, generations[3].prompt_token_ids
+    assert [g.prompt_token_ids for g in generations] == [first] * 3 + [second] * 3 and first != second
+    assert len({tuple(g.token_ids) for g in generations[:3]}) > 1  # k draws, not one response copied
 
 
 @pytest.mark.slow  # a real model decodes (seconds)

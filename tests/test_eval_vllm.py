@@ -66,3 +66,25 @@ def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(
         assert [g.text for g in engine.generate(prompts, greedy, progress=False)] == responses_10
     finally:
         engine.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_gives_k_sampled_responses_per_prompt_in_one_call(tiny_model_dir):
+    require_vllm()
+    from eval_daemon.engines.base import Sampling
+    from eval_daemon.engines.vllm import VllmEngine
+
+    engine = VllmEngine("cpu", "float32", gpu_memory_utilization=0.1, max_model_len=512, seed=0, tokenizer_fallback="")
+    try:
+        engine.load(str(tiny_model_dir))
+        prompts = ["What is $2+3$? <think>", "hello"]
+        generations = engine.generate(prompts, Sampling(1.0, 1.0, 12, (), 0), progress=False, entropy_rows=[3],
+                                      samples_per_prompt=3)
+    finally:
+        engine.close()
+    assert len(generations) == 6
+    first, second = generations[0].prompt_token_ids, generations[3].prompt_token_ids
+    assert [g.prompt_token_ids for g in generations] == [first] * 3 + [second] * 3 and first != second
+    assert len({tuple(g.token_ids) for g in generations[:3]}) > 1  # n=3 draws, not one response copied
+    assert [g.token_entropy is not None for g in generations] == [False, False, False, True, False, False]

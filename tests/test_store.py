@@ -199,7 +199,7 @@ def test_a_store_of_another_schema_version_is_refused(tmp_path):
     con = duckdb.connect(str(db))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(schema.StoreError, match="schema version 99, this code writes version 1; move the file aside"):
+    with pytest.raises(schema.StoreError, match=f"schema version 99, this code writes version {schema.SCHEMA_VERSION}; move the file aside"):
         writer.record_evaluation(db, *one_evaluation(step=50))
 
 

@@ -7,9 +7,14 @@ not even read-only. So the writer opens the file only for one short transaction 
 and close. Both retry with a short exponential backoff while the other side holds the file, so a
 lock error never reaches a user, and a reader never sees half an evaluation.
 
-Tables: meta (schema_version), runs, checkpoints, evaluations, samples, view_descriptions.
+Tables: meta (schema_version, views_sha), runs, checkpoints, evaluations, samples, view_descriptions.
 Views (created with the schema, so a plain `duckdb results/results.duckdb` has them too):
-progress, by_subject, by_level, format_failures, run_compare; see VIEWS below.
+progress, by_subject, by_level, format_failures, run_compare, pass_at_k, sampling; see VIEWS below.
+
+Old stores stay readable: a file of an older schema version is migrated by the writer (the eval
+daemon) in one transaction the next time it records (MIGRATIONS: columns added with defaults,
+nothing rewritten), and the views are replaced whenever their definitions changed (meta views_sha).
+Until then readers see the old file as it was.
 
     bin/query progress              # the eval daemon writes, this reads
 """
@@ -17,6 +22,8 @@ progress, by_subject, by_level, format_failures, run_compare; see VIEWS below.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import random
 import re
@@ -31,7 +38,7 @@ from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a reader waits for the writer to close the file before giving up.
 LOCK_TIMEOUT_S = 30.0
 # The writer waits longer: an evaluation is never dropped because someone's query was slow.
@@ -93,6 +100,7 @@ EVALUATION_COLUMNS = {
     "engine_version": "VARCHAR",  # e.g. vllm==0.32.0
     "fingerprint": "JSON",  # what moves the number (eval_daemon/fingerprint.py); view `fingerprints`
     "tracked_at": "TIMESTAMP",  # when its metrics went to W&B / eval_metrics.jsonl (start-up reconcile)
+    "samples_per_problem": "INTEGER DEFAULT 1",  # responses per problem (evaluation.samples_per_problem)
 }
 EVALUATION_EXTRA_KEYS = ("run_config", "checkpoint_metrics")
 REQUIRED_EVALUATION_KEYS = ("run_id", "step", "eval_key", "eval_set")
@@ -116,8 +124,18 @@ SAMPLE_COLUMNS = {
     "finish_reason": "VARCHAR",
     "token_entropy": "DOUBLE",
     "grading_note": "VARCHAR",
+    "sample_index": "INTEGER DEFAULT 0",  # 0..samples_per_problem-1: which of the problem's responses
+    "normalized_answer": "VARCHAR",  # the MATH-normalised answer (None without the format): maj@k votes on it
 }
 SAMPLE_KEY_COLUMNS = {"run_id": "VARCHAR NOT NULL", "step": "BIGINT NOT NULL", "eval_key": "VARCHAR NOT NULL"}
+
+
+# version -> the statements that take a store of version - 1 to it (added columns keep old rows valid).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE samples ADD COLUMN sample_index INTEGER DEFAULT 0",
+        "ALTER TABLE samples ADD COLUMN normalized_answer VARCHAR",
+        "ALTER TABLE evaluations ADD COLUMN samples_per_problem INTEGER DEFAULT 1"),
+}
 
 
 def _columns_sql(columns: dict[str, str]) -> str:
@@ -155,7 +173,16 @@ CREATE TABLE view_descriptions (name VARCHAR PRIMARY KEY, description VARCHAR);
 _FAILURE_COUNTS_SQL = ",\n       ".join(
     f"count(*) FILTER (WHERE s.format_failure_type = '{kind}') AS {kind}" for kind in FORMAT_FAILURE_TYPES)
 
-# name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
+# Per problem of each successful evaluation: n responses, c of them correct.
+_PER_PROBLEM_SQL = """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.problem_id, count(*) AS n,
+           count(*) FILTER (WHERE s.category = 'correct') AS c
+    FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
+    WHERE e.status = 'ok'
+    GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.problem_id"""
+# Chen et al.'s unbiased estimator 1 - C(n-c, k) / C(n, k), as the product prod_{i<k} (n-c-i)/(n-i)
+# (no huge binomials); it is 1 when fewer than k responses are wrong.
+_PASS_AT_K_SQL = "CASE WHEN p.n - p.c < ks.k THEN 1.0 ELSE 1.0 - list_product([(p.n - p.c - i) / (p.n - i) FOR i IN range(ks.k)]) END"
+
 def _accuracy_by(column: str) -> str:
     """The by_subject / by_level view: accuracy and format accuracy per `column`, per evaluation."""
     return f"""SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.{column}, count(*) AS num_examples,
@@ -168,6 +195,7 @@ GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.{column}
 ORDER BY s.run_id, s.eval_key, s.{column}, s.step"""
 
 
+# name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
 VIEWS: dict[str, tuple[str, str]] = {
     "progress": (
         "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy, by step",
@@ -215,20 +243,74 @@ ORDER BY run_id, eval_key""",
 FROM evaluations
 ORDER BY run_id, eval_key, step""",
     ),
+    "pass_at_k": (
+        "unbiased pass@k (Chen et al. 2021) for every k up to samples_per_problem, per evaluation",
+        f"""WITH problems AS ({_PER_PROBLEM_SQL}),
+ks AS (SELECT run_id, step, eval_key, unnest(range(1, min_n + 1)) AS k
+       FROM (SELECT run_id, step, eval_key, min(n) AS min_n FROM problems GROUP BY run_id, step, eval_key))
+SELECT p.run_id, p.step, p.eval_set, p.eval_key, ks.k, count(*) AS num_problems,
+       avg({_PASS_AT_K_SQL}) AS pass_at_k
+FROM problems p JOIN ks USING (run_id, step, eval_key)
+GROUP BY p.run_id, p.step, p.eval_set, p.eval_key, ks.k
+ORDER BY p.run_id, p.eval_key, p.step, ks.k""",
+    ),
+    "sampling": (
+        "per evaluation with k samples per problem: mean accuracy, pass@k and maj@k (majority vote)",
+        f"""WITH problems AS ({_PER_PROBLEM_SQL}),
+votes AS (
+    -- one row per distinct answer of a problem: the correct answers are all equivalent (to the ground
+    -- truth) and form one; wrong answers are told apart by their normalised text. Format failures do not vote.
+    SELECT run_id, step, eval_key, problem_id, count(*) AS votes, min(sample_index) AS first_index,
+           bool_or(category = 'correct') AS correct
+    FROM samples WHERE category <> 'format_failure'
+    GROUP BY run_id, step, eval_key, problem_id,
+             CASE WHEN category = 'correct' THEN '=' ELSE coalesce(normalized_answer, '#' || sample_index) END),
+majority AS (
+    -- the most frequent answer wins; a tie goes to the answer given first
+    SELECT run_id, step, eval_key, problem_id, first(correct ORDER BY votes DESC, first_index) AS correct
+    FROM votes GROUP BY run_id, step, eval_key, problem_id)
+SELECT p.run_id, p.step, p.eval_set, p.eval_key, min(p.n) AS samples_per_problem, count(*) AS num_problems,
+       avg(p.c / p.n) AS mean_accuracy,
+       avg((p.c > 0)::DOUBLE) AS pass_at_k,
+       avg(coalesce(m.correct, false)::DOUBLE) AS maj_at_k
+FROM problems p LEFT JOIN majority m USING (run_id, step, eval_key, problem_id)
+GROUP BY p.run_id, p.step, p.eval_set, p.eval_key
+ORDER BY p.run_id, p.eval_key, p.step""",
+    ),
 }
 
 
 def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(TABLES_SQL)
-    for name, (description, select) in VIEWS.items():
-        con.execute(f"CREATE VIEW {name} AS {select}")
-        con.execute("INSERT INTO view_descriptions VALUES (?, ?)", [name, description])
     con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('created_at', ?)",
                 [str(SCHEMA_VERSION), _utc_now().isoformat()])
+    _replace_views(con)
+
+
+def views_sha() -> str:
+    """Hash of the view definitions: a store whose views_sha differs gets the current views."""
+    return hashlib.sha256(json.dumps(VIEWS, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _replace_views(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop every view this or an earlier version made and create the current ones."""
+    for (name,) in con.execute("SELECT name FROM view_descriptions").fetchall():
+        con.execute(f"DROP VIEW IF EXISTS {name}")
+    con.execute("DELETE FROM view_descriptions")
+    for name, (description, select) in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+        con.execute("INSERT INTO view_descriptions VALUES (?, ?)", [name, description])
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('views_sha', ?)", [views_sha()])
+
+
+def _meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return row[0] if row else None
 
 
 def _ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
-    """Create the schema in its own transaction on a new file; refuse a file of another version."""
+    """Create the schema on a new file, migrate an older one, refresh changed views (each in its own
+    transaction); refuse a file of a newer version."""
     tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     if "meta" not in tables:
         con.begin()
@@ -236,31 +318,31 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
         con.commit()
         logger.info("created results store %s (schema version %s)", db_path, SCHEMA_VERSION)
         return
-    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    found = row[0] if row else None
-    if found != str(SCHEMA_VERSION):
+    found = _meta(con, "schema_version")
+    if found is None or not found.isdigit() or int(found) > SCHEMA_VERSION:
         raise StoreError(f"{db_path} has schema version {found}, this code writes version {SCHEMA_VERSION}; "
-                         f"move the file aside (or set another paths.results_dir) to start a new store")
-    _add_new_columns_and_views(con)
-
-
-def _add_new_columns_and_views(con: duckdb.DuckDBPyConnection) -> None:
-    """Columns and views added within schema version 1 (additive only): older stores get them on
-    their next write, with NULL in the old rows."""
-    columns = {row[0] for row in con.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'evaluations'").fetchall()}
-    views = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    added = [name for name in EVALUATION_COLUMNS if name not in columns]
-    if not added and set(VIEWS) <= views:
+                         f"move the file aside (or set another paths.results_dir) to start a new store, "
+                         f"or update mathsft")
+    missing = _missing_evaluation_columns(con)
+    if int(found) == SCHEMA_VERSION and not missing and _meta(con, "views_sha") == views_sha():
         return
     con.begin()
-    for name in added:
+    for version in range(int(found) + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version]:
+            con.execute(statement)
+    # Columns added within a schema version (additive only): older stores get them, NULL in old rows.
+    for name in _missing_evaluation_columns(con):
         con.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {EVALUATION_COLUMNS[name]}")
-    for name, (description, select) in VIEWS.items():
-        if name not in views:
-            con.execute(f"CREATE VIEW {name} AS {select}")
-            con.execute("INSERT INTO view_descriptions VALUES (?, ?) ON CONFLICT DO NOTHING", [name, description])
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+    _replace_views(con)
     con.commit()
+    logger.info("results store %s: schema version %s -> %s, views refreshed", db_path, found, SCHEMA_VERSION)
+
+
+def _missing_evaluation_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    columns = {row[0] for row in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'evaluations'").fetchall()}
+    return [name for name in EVALUATION_COLUMNS if name not in columns]
 
 
 # ---- connections ---------------------------------------------------------------------------------

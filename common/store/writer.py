@@ -40,15 +40,19 @@ def _normalise(value: Any) -> Any:
     return str(value)
 
 
-def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int, keyed: dict | None = None) -> str:
+def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int, keyed: dict | None = None,
+             samples_per_problem: int = 1) -> str:
     """Short stable id of an eval config, e.g. 'math-t1.0-p1.0-m1024-3f9c0a1b' (safe in file names).
 
     The hash covers every input that changes a number: eval set, sampling, subset and seed, plus
     `keyed` (eval_daemon/fingerprint.py: prompt template and problems hashes, grader and version,
-    engine, dtype, max_model_len, entropy subsample size)."""
-    canonical = json.dumps(_normalise({"eval_set": eval_set, "sampling": sampling,
-                                       "num_eval_samples": num_eval_samples, "seed": seed, **(keyed or {})}),
-                           sort_keys=True, separators=(",", ":"))
+    engine, dtype, max_model_len, entropy subsample size). k responses per problem add '-k4' and
+    enter the hash (one response keeps the keys it had before samples_per_problem existed)."""
+    config = {"eval_set": eval_set, "sampling": sampling, "num_eval_samples": num_eval_samples, "seed": seed,
+              **(keyed or {})}
+    if samples_per_problem != 1:
+        config["samples_per_problem"] = samples_per_problem
+    canonical = json.dumps(_normalise(config), sort_keys=True, separators=(",", ":"))
     parts = [re.sub(r"[^A-Za-z0-9_]+", "_", eval_set) or "eval"]
     for prefix, name in (("t", "temperature"), ("p", "top_p")):
         if name in sampling:
@@ -57,6 +61,8 @@ def eval_key(eval_set: str, sampling: dict, num_eval_samples: int, seed: int, ke
         parts.append(f"m{int(sampling['max_tokens'])}")
     if num_eval_samples:
         parts.append(f"n{num_eval_samples}")
+    if samples_per_problem != 1:
+        parts.append(f"k{samples_per_problem}")
     parts.append(hashlib.sha256(canonical.encode()).hexdigest()[:8])
     return "-".join(parts)
 
@@ -171,6 +177,7 @@ def _evaluation_row(evaluation: dict, status: str, error: str | None) -> dict[st
                          f"successes; use record_failed_evaluation for failures")
     row = {column: _plain_scalar(evaluation.get(column)) for column in EVALUATION_COLUMNS}
     row.update(status=status, error=error if error is not None else evaluation.get("error"))
+    row["samples_per_problem"] = row["samples_per_problem"] or 1
     try:
         row["step"] = int(row["step"])
     except (TypeError, ValueError):
@@ -200,6 +207,9 @@ def _samples_table(row: dict[str, Any], samples: list[dict]) -> pa.Table:
         if sample.get("format_failure_type") not in (None, *FORMAT_FAILURE_TYPES):
             raise StoreError(f"sample {index} ({sample['problem_id']}) has format_failure_type "
                              f"{sample['format_failure_type']!r}; expected None or one of {list(FORMAT_FAILURE_TYPES)}")
+    if len({(s["problem_id"], s.get("sample_index") or 0) for s in samples}) != len(samples):
+        raise StoreError("two samples share a problem_id and sample_index; number the k responses of a problem "
+                         "0..k-1 in sample_index")
     if row["num_test_cases"] is not None and row["num_test_cases"] != len(samples):
         raise StoreError(f"evaluation says num_test_cases={row['num_test_cases']} but {len(samples)} samples "
                          f"were given; record every evaluated example")
@@ -210,6 +220,8 @@ def _samples_table(row: dict[str, Any], samples: list[dict]) -> pa.Table:
     }
     for name in SAMPLE_COLUMNS:
         values = [sample.get(name) for sample in samples]
+        if name == "sample_index":
+            values = [v or 0 for v in values]
         if name == "token_entropy":
             values = [None if v is None or not math.isfinite(v) else v for v in values]
         columns[name] = values

@@ -90,10 +90,11 @@ class GenerationEngine(Protocol):
     entropy_seconds: float  # time the last generate() spent scoring entropy
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
-                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
-        """One Generation per prompt, in prompt order; all prompts are submitted together. The
-        responses of `entropy_rows` get token_entropy: their mean token entropy under the loaded
-        model (None for an empty response)."""
+                 entropy_rows: Sequence[int] = (), samples_per_prompt: int = 1) -> list[Generation]:
+        """`samples_per_prompt` Generations per prompt, prompt by prompt (row p * k + j is prompt p's
+        response j); all prompts are submitted together. The responses at `entropy_rows` (rows of
+        the result) get token_entropy: their mean token entropy under the loaded model (None for an
+        empty response)."""
 
     def close(self) -> None:
         """Free the model and any worker processes."""

@@ -128,14 +128,17 @@ class HfEngine:
             raise CheckpointLoadError(f"{path} has no tensor for {missing[0]} (and {len(missing) - 1} more)")
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
-                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
+                 entropy_rows: Sequence[int] = (), samples_per_prompt: int = 1) -> list[Generation]:
+        """k responses per prompt: each prompt is decoded k times (rows of the same batches, each
+        drawing its own tokens); see GenerationEngine.generate for the order."""
         import torch
         from tqdm import tqdm
 
-        prompt_ids = [self.tokenizer.encode(p) for p in prompts]
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        prompt_ids = [ids for ids in encoded for _ in range(samples_per_prompt)]
         results = [empty_generation(ids) for ids in prompt_ids]
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
-        _warn_too_long(len(prompts) - len(fits), self.max_model_len)
+        _warn_too_long(sum(len(ids) >= self.max_model_len for ids in encoded), self.max_model_len)
         order = sorted(fits, key=lambda i: len(prompt_ids[i]))  # similar lengths share a batch: less padding
         cache_len = max((len(prompt_ids[i]) for i in order), default=0) + sampling.max_tokens
         torch.manual_seed(sampling.seed)

@@ -84,24 +84,27 @@ class VllmEngine:
         return True
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
-                 entropy_rows: Sequence[int] = ()) -> list[Generation]:
-        """All prompts in one engine call; then the entropy prefill of `entropy_rows`, in a second
+                 entropy_rows: Sequence[int] = (), samples_per_prompt: int = 1) -> list[Generation]:
+        """All prompts in one engine call (k responses of a prompt as one request with n=k, which
+        shares the prompt's prefill); then the entropy prefill of `entropy_rows`, in a second
         call. (Adding each entropy prefill to the running engine as soon as its response finished
         was tried on an H200: in a paired run it cost 4-5 s per evaluation, more than this second
         call's 2.0-2.7 s; docs/PERFORMANCE.md, "Evaluation (vLLM)".)"""
         tokenizer = self.llm.get_tokenizer()
+        k = samples_per_prompt
         prompt_ids = [tokenizer.encode(p) for p in prompts]
         fits = [i for i, ids in enumerate(prompt_ids) if len(ids) < self.max_model_len]
         _warn_too_long(len(prompts) - len(fits), self.max_model_len)
-        params = [self._generation_params(sampling, prompts[i]) for i in fits]
+        params = [self._generation_params(sampling, prompts[i], k) for i in fits]
         outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in fits], params,
                                     use_tqdm=self._progress_bar(progress))
-        results = [empty_generation(ids) for ids in prompt_ids]
+        results = [empty_generation(ids) for ids in prompt_ids for _ in range(k)]
         for i, output in zip(fits, outputs):
-            completion = output.outputs[0]
-            results[i] = Generation(text=completion.text, token_ids=list(completion.token_ids),
-                                    prompt_token_ids=prompt_ids[i], finish_reason=_finish(completion.finish_reason),
-                                    num_tokens=len(completion.token_ids))
+            for j, completion in enumerate(output.outputs):
+                results[i * k + j] = Generation(text=completion.text, token_ids=list(completion.token_ids),
+                                                prompt_token_ids=prompt_ids[i],
+                                                finish_reason=_finish(completion.finish_reason),
+                                                num_tokens=len(completion.token_ids))
         self.entropy_seconds = score_entropy_rows(self.token_entropies, results, entropy_rows)
         return results
 
@@ -125,12 +128,12 @@ class VllmEngine:
 
         return make_bar
 
-    def _generation_params(self, sampling: Sampling, prompt: str):
-        """One request's SamplingParams (bench/eval_full.py overrides it to force response lengths)."""
+    def _generation_params(self, sampling: Sampling, prompt: str, n: int = 1):
+        """One request's SamplingParams, n responses (bench/eval_full.py overrides it to force response lengths)."""
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                              stop=list(sampling.stop), include_stop_str_in_output=True)
+        return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=sampling.max_tokens, stop=list(sampling.stop), include_stop_str_in_output=True)
 
     def _entropy_params(self):
         from vllm import SamplingParams

@@ -1,0 +1,142 @@
+"""Numbers a researcher can trust: k samples per problem (pass@k, maj@k), and old stores migrated.
+
+Every expected value here is worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from store_fixtures import SAMPLING, summarise, synthetic_samples
+
+from common.store import schema, writer
+
+K4_KEY = writer.eval_key("math", SAMPLING, 0, 0, samples_per_problem=4)
+
+# Four problems, four responses each: (category, normalised answer) per sample_index.
+K4_PROBLEMS = {
+    # c=2; answers 5, 6, 6, 10/2: the two correct answers are one (equivalent) answer, so a 2-2 tie,
+    # won by the answer given first (5, correct); grouping by string alone would elect 6
+    "test/a.json": [("correct", "5"), ("wrong_answer", "6"), ("wrong_answer", "6"), ("correct", "\\frac{10}{2}")],
+    # c=1; "4" has two votes, the format failure none: majority wrong
+    "test/b.json": [("wrong_answer", "4"), ("format_failure", None), ("correct", "3"), ("wrong_answer", "4")],
+    # c=0
+    "test/c.json": [("wrong_answer", "7"), ("wrong_answer", "7"), ("wrong_answer", "8"), ("wrong_answer", "7")],
+    # c=3; majority correct
+    "test/d.json": [("correct", "\\frac{1}{2}"), ("wrong_answer", "2"), ("correct", "\\frac{1}{2}"),
+                    ("correct", "\\frac{1}{2}")],
+}
+# pass@k per problem = 1 - C(n-c, k) / C(n, k), n = 4:
+#   a (c=2): 1/2, 1 - 1/6 = 5/6, 1, 1      b (c=1): 1/4, 1 - 3/6 = 1/2, 1 - 1/4 = 3/4, 1
+#   c (c=0): 0, 0, 0, 0                    d (c=3): 3/4, 1, 1, 1
+EXPECTED_PASS_AT_K = {1: (1 / 2 + 1 / 4 + 0 + 3 / 4) / 4, 2: (5 / 6 + 1 / 2 + 0 + 1) / 4,
+                      3: (1 + 3 / 4 + 0 + 1) / 4, 4: 3 / 4}
+EXPECTED_MAJ_AT_4 = 2 / 4  # a and d
+
+
+def k4_samples() -> list[dict]:
+    samples = []
+    for problem_id, responses in K4_PROBLEMS.items():
+        for index, (category, answer) in enumerate(responses):
+            samples.append({
+                "problem_id": problem_id, "sample_index": index, "subject": "algebra", "level": 2,
+                "response": f" </think> <answer> {answer} </answer>", "ground_truth": "x",
+                "format_reward": 0.0 if category == "format_failure" else 1.0,
+                "answer_reward": float(category == "correct"), "reward": float(category == "correct"),
+                "category": category, "response_length": 10, "finish_reason": "stop",
+                "format_failure_type": "missing_answer_close" if category == "format_failure" else None,
+                "normalized_answer": answer, "token_entropy": None,
+            })
+    return samples
+
+
+def k4_evaluation(samples: list[dict], step: int = 0) -> dict:
+    evaluation = summarise("run_k", step, samples)
+    evaluation.update(eval_key=K4_KEY, samples_per_problem=4)
+    return evaluation
+
+
+def query(db: Path, sql: str) -> list[dict]:
+    with schema.connect_read_only(db) as con:
+        result = con.execute(sql)
+        names = [column[0] for column in result.description]
+        return [dict(zip(names, row)) for row in result.fetchall()]
+
+
+@pytest.fixture(scope="module")
+def k4_store(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("k4") / "results.duckdb"
+    samples = k4_samples()
+    assert writer.record_evaluation(db, k4_evaluation(samples), samples)
+    return db
+
+
+def test_pass_at_k_is_the_unbiased_estimator_for_every_k(k4_store):
+    got = {row["k"]: row for row in query(k4_store, "SELECT * FROM pass_at_k")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for k, expected in EXPECTED_PASS_AT_K.items():
+        assert got[k]["pass_at_k"] == pytest.approx(expected, abs=1e-12), k
+        assert got[k]["num_problems"] == 4 and got[k]["eval_key"] == K4_KEY
+
+
+def test_maj_at_k_votes_over_normalised_answers_and_mean_accuracy(k4_store):
+    [row] = query(k4_store, "SELECT * FROM sampling")
+    assert row["samples_per_problem"] == 4 and row["num_problems"] == 4
+    assert row["maj_at_k"] == pytest.approx(EXPECTED_MAJ_AT_4)
+    assert row["mean_accuracy"] == pytest.approx(6 / 16)  # 2 + 1 + 0 + 3 correct of 16
+    assert row["pass_at_k"] == pytest.approx(EXPECTED_PASS_AT_K[4])
+    [progress] = query(k4_store, "SELECT accuracy FROM progress")
+    assert progress["accuracy"] == pytest.approx(6 / 16)  # progress shows the mean accuracy
+
+
+def test_eval_key_includes_k_and_keeps_the_one_sample_keys():
+    assert writer.eval_key("math", SAMPLING, 0, 0, samples_per_problem=1) == writer.eval_key("math", SAMPLING, 0, 0)
+    assert "-k4-" in K4_KEY and K4_KEY != writer.eval_key("math", SAMPLING, 0, 0, samples_per_problem=8)
+
+
+def test_two_samples_with_one_index_are_refused(tmp_path):
+    samples = k4_samples()
+    samples[1]["sample_index"] = 0
+    with pytest.raises(schema.StoreError, match="share a problem_id and sample_index"):
+        writer.record_evaluation(tmp_path / "r.duckdb", k4_evaluation(samples), samples)
+
+
+def _make_version_1(db: Path) -> None:
+    """Turn a current store into what version 1 wrote: no sample_index / normalized_answer /
+    samples_per_problem columns, its own views, no views_sha."""
+    con = duckdb.connect(str(db))
+    try:
+        for (name,) in con.execute("SELECT name FROM view_descriptions").fetchall():
+            con.execute(f"DROP VIEW {name}")
+        con.execute("DELETE FROM view_descriptions")
+        con.execute("ALTER TABLE samples DROP COLUMN sample_index")
+        con.execute("ALTER TABLE samples DROP COLUMN normalized_answer")
+        con.execute("ALTER TABLE evaluations DROP COLUMN samples_per_problem")
+        con.execute("CREATE VIEW progress AS SELECT run_id, step, eval_key, accuracy FROM evaluations")
+        con.execute("INSERT INTO view_descriptions VALUES ('progress', 'v1 progress')")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        con.execute("DELETE FROM meta WHERE key = 'views_sha'")
+    finally:
+        con.close()
+
+
+def test_a_version_1_store_stays_readable_and_is_migrated_by_the_next_write(tmp_path):
+    db = tmp_path / "results.duckdb"
+    old = synthetic_samples("run_old", 0, 12)
+    assert writer.record_evaluation(db, summarise("run_old", 0, old), old)
+    _make_version_1(db)
+    assert query(db, "SELECT run_id, step FROM progress") == [{"run_id": "run_old", "step": 0}]  # readable as it was
+
+    samples = k4_samples()
+    assert writer.record_evaluation(db, k4_evaluation(samples), samples)  # migrates, then records
+    assert query(db, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": str(schema.SCHEMA_VERSION)}]
+    assert {r["run_id"]: r["samples_per_problem"] for r in query(db, "SELECT * FROM sampling")} == \
+        {"run_old": 1, "run_k": 4}
+    assert query(db, "SELECT DISTINCT sample_index FROM samples WHERE run_id = 'run_old'") == [{"sample_index": 0}]
+    old_accuracy = sum(s["category"] == "correct" for s in old) / len(old)
+    assert query(db, "SELECT pass_at_k FROM pass_at_k WHERE run_id = 'run_old'") == \
+        [{"pass_at_k": pytest.approx(old_accuracy)}]
+    views = {r["view_name"] for r in query(db, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
+    assert views == set(schema.VIEWS)
