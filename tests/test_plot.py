@@ -222,3 +222,18 @@ def test_a_single_evaluation_and_missing_entropy_still_draw(tmp_path):
     assert [line.get_label() for line in fig.axes[3].get_lines()] == [series[0].label]
     plt.close(fig)
     assert len(plots.save_charts(series, tmp_path / "out")) == 5
+
+
+def test_accuracy_bands_are_the_stored_95_percent_intervals(filled):
+    series = plots.load_series(filled.db_path, ["run_a"])
+    fig = plots.draw_accuracy(series)
+    try:
+        ax = fig.axes[0]  # the accuracy panel
+        accuracy_band = ax.collections[0]  # drawn right after the accuracy line
+        vertices = {(round(x, 9), round(y, 9)) for path in accuracy_band.get_paths() for x, y in path.vertices}
+    finally:
+        plt.close(fig)
+    for row in progress_of(filled.db_path, "run_a"):
+        assert row["accuracy_low"] < row["accuracy"] < row["accuracy_high"]
+        assert (row["step"], round(row["accuracy_low"], 9)) in vertices
+        assert (row["step"], round(row["accuracy_high"], 9)) in vertices

@@ -105,7 +105,7 @@ def test_two_samples_with_one_index_are_refused(tmp_path):
 
 def _make_version_1(db: Path) -> None:
     """Turn a current store into what version 1 wrote: no sample_index / normalized_answer /
-    samples_per_problem columns, its own views, no views_sha."""
+    samples_per_problem columns, no intervals table, its own views, no views_sha."""
     con = duckdb.connect(str(db))
     try:
         for (name,) in con.execute("SELECT name FROM view_descriptions").fetchall():
@@ -114,6 +114,7 @@ def _make_version_1(db: Path) -> None:
         con.execute("ALTER TABLE samples DROP COLUMN sample_index")
         con.execute("ALTER TABLE samples DROP COLUMN normalized_answer")
         con.execute("ALTER TABLE evaluations DROP COLUMN samples_per_problem")
+        con.execute("DROP TABLE intervals")
         con.execute("CREATE VIEW progress AS SELECT run_id, step, eval_key, accuracy FROM evaluations")
         con.execute("INSERT INTO view_descriptions VALUES ('progress', 'v1 progress')")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
@@ -140,3 +141,61 @@ def test_a_version_1_store_stays_readable_and_is_migrated_by_the_next_write(tmp_
         [{"pass_at_k": pytest.approx(old_accuracy)}]
     views = {r["view_name"] for r in query(db, "SELECT view_name FROM duckdb_views() WHERE NOT internal")}
     assert views == set(schema.VIEWS)
+
+
+# ---- intervals -----------------------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_the_published_example():
+    from common.store.stats import wilson
+
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3: 81/263 -> 0.2553 to 0.3662,
+    # 0/10 -> 0 to 0.2775, 10/10 -> 0.7225 to 1 (inside [0, 1] at the edges).
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=5e-5)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=5e-5)
+    assert wilson(0, 0) == (None, None)
+
+
+def test_views_carry_wilson_intervals_for_one_sample(tmp_path):
+    from common.store.stats import wilson
+
+    db = tmp_path / "results.duckdb"
+    samples = synthetic_samples("run_w", 0, 70)
+    evaluation = summarise("run_w", 0, samples)
+    writer.record_evaluation(db, evaluation, samples)
+    [row] = query(db, "SELECT * FROM progress")
+    assert row["interval_method"] == "wilson"
+    assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(wilson(evaluation["num_correct"], 70))
+    assert (row["format_accuracy_low"], row["format_accuracy_high"]) == pytest.approx(
+        wilson(evaluation["num_format_correct"], 70))
+    for view, column in (("by_subject", "subject"), ("by_level", "level")):
+        for group in query(db, f"SELECT * FROM {view}"):
+            assert (group["accuracy_low"], group["accuracy_high"]) == pytest.approx(
+                wilson(group["num_correct"], group["num_examples"])), (view, group[column])
+
+
+def test_k_samples_get_a_bootstrap_over_problems(k4_store):
+    from common.store.stats import bootstrap_intervals
+
+    [row] = query(k4_store, "SELECT * FROM progress")
+    assert row["interval_method"] == "bootstrap_problems"
+    # Per-problem accuracies 2/4, 1/4, 0, 3/4: the resampled means lie between 0 and 3/4.
+    assert 0.0 <= row["accuracy_low"] < 6 / 16 < row["accuracy_high"] <= 0.75
+    expected = bootstrap_intervals({"accuracy": [0.5, 0.25, 0.0, 0.75]})["accuracy"]
+    assert (row["accuracy_low"], row["accuracy_high"]) == pytest.approx(expected)
+    [subject] = query(k4_store, "SELECT * FROM by_subject")
+    assert (subject["accuracy_low"], subject["accuracy_high"]) == pytest.approx(expected)  # one subject: the same
+
+
+def test_bootstrap_covers_the_true_mean_about_95_percent_of_the_time():
+    import random
+
+    from common.store.stats import bootstrap_intervals
+
+    rng, covered = random.Random(1), 0
+    for trial in range(200):  # 200 evaluations of 100 problems, each answered right with p = 0.3
+        values = [float(rng.random() < 0.3) for _ in range(100)]
+        low, high = bootstrap_intervals({"a": values}, replicates=400, seed=trial)["a"]
+        covered += low <= 0.3 <= high
+    assert 0.89 <= covered / 200 <= 0.99

@@ -62,6 +62,7 @@ class Series:
     failures: list[dict] = field(default_factory=list)
     by_subject: dict[str, list[dict]] = field(default_factory=dict)
     entropy_methods: list[str] = field(default_factory=list)  # the estimators behind avg_token_entropy
+    sampling: list[dict] = field(default_factory=list)  # the sampling view: pass@k, maj@k
 
     def steps(self) -> list[int]:
         return [row["step"] for row in self.progress]
@@ -88,6 +89,11 @@ ENTROPY_METHODS_SQL = """SELECT run_id, eval_key, list(DISTINCT entropy_method O
 FROM evaluations WHERE status = 'ok' AND entropy_method IS NOT NULL GROUP BY run_id, eval_key"""
 
 
+def _has_view(con, name: str) -> bool:
+    """False on a store not yet migrated by the eval daemon (written by an older version)."""
+    return con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [name]).fetchone()[0] > 0
+
+
 def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
     """Read the progress, format_failures and by_subject views, grouped per (run, eval config)."""
     with connect_read_only(db_path) as con:
@@ -96,6 +102,7 @@ def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
             failures = _rows(con, "SELECT * FROM format_failures ORDER BY run_id, eval_key, step")
             subjects = _rows(con, "SELECT * FROM by_subject ORDER BY run_id, eval_key, subject, step")
             methods = _rows(con, ENTROPY_METHODS_SQL)
+            sampling = _rows(con, "SELECT * FROM sampling ORDER BY run_id, eval_key, step") if _has_view(con, "sampling") else []
         except duckdb.Error as exc:  # e.g. a file that is not a results store
             raise PlotError(f"{db_path}: {one_line_error(exc)}") from None
     known = sorted({row["run_id"] for row in progress})
@@ -111,6 +118,9 @@ def load_series(db_path: Path, run_ids: Sequence[str] = ()) -> list[Series]:
     for row in failures:
         if (row["run_id"], row["eval_key"]) in series:
             series[(row["run_id"], row["eval_key"])].failures.append(row)
+    for row in sampling:
+        if (row["run_id"], row["eval_key"]) in series:
+            series[(row["run_id"], row["eval_key"])].sampling.append(row)
     for row in subjects:
         if (row["run_id"], row["eval_key"]) in series:
             series[(row["run_id"], row["eval_key"])].by_subject.setdefault(row["subject"] or "unknown", []).append(row)
@@ -218,16 +228,35 @@ def _series_figure(panels: int, series: Sequence[Series], max_cols: int, panel_s
     return _panel_grid(panels, max_cols, panel_size, width, sharey, min_height=height)
 
 
+def _band(ax: Axes, rows: list[dict], s: Series, metric: str) -> None:
+    """The metric's 95% interval (the views' <metric>_low / _high) as a shaded band behind its line."""
+    if rows and f"{metric}_low" in rows[0]:
+        ax.fill_between([row["step"] for row in rows], s.values(f"{metric}_low", rows), s.values(f"{metric}_high", rows),
+                        color=s.color, alpha=0.15, linewidth=0)
+
+
+def _plot_pass_at_k(ax: Axes, s: Series) -> None:
+    """pass@k (dotted) for evaluations with k > 1 responses per problem; accuracy is then pass@1."""
+    rows = [row for row in s.sampling if row["samples_per_problem"] > 1]
+    if rows:
+        k = max(row["samples_per_problem"] for row in rows)
+        ax.plot([row["step"] for row in rows], s.values("pass_at_k", rows), marker=s.marker, linestyle=":",
+                color=s.color, label=f"{s.label}: pass@{k}")
+
+
 def draw_accuracy(series: Sequence[Series]) -> Figure:
     """Two panels, accuracy and format accuracy, one line per series."""
     fig, (ax_accuracy, ax_format) = _series_figure(2, series, max_cols=2, panel_size=(5.5, 4.5))
     for ax, column, title in ((ax_accuracy, "accuracy", "Accuracy"), (ax_format, "format_accuracy", "Format accuracy")):
         for s in series:
             ax.plot(s.steps(), s.values(column), **s.style())
+            _band(ax, s.progress, s, column)
+            if column == "accuracy":
+                _plot_pass_at_k(ax, s)
         ax.set_title(title)
         _style_share_axis(ax, "share of test problems")
         _style_step_axis(ax, _all_steps(series))
-    fig.suptitle("Accuracy and format accuracy vs training step")
+    fig.suptitle("Accuracy and format accuracy vs training step (bands: 95% intervals; dotted: pass@k)")
     _series_legend(fig, series)
     return fig
 
@@ -345,10 +374,11 @@ def draw_by_subject(series: Sequence[Series]) -> Figure:
             rows = s.by_subject.get(subject, [])
             if rows:
                 ax.plot([row["step"] for row in rows], s.values("accuracy", rows), **s.style())
+                _band(ax, rows, s, "accuracy")
         ax.set_title(subject.replace("_", " "))
         _style_share_axis(ax, "accuracy")
         _style_step_axis(ax, _all_steps(series))
-    fig.suptitle("Accuracy per subject vs training step")
+    fig.suptitle("Accuracy per subject vs training step (bands: 95% intervals)")
     _series_legend(fig, series)
     return fig
 

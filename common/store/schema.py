@@ -35,6 +35,7 @@ from typing import Iterator
 import duckdb
 
 from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
+from common.store.stats import wilson_sql
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +131,23 @@ SAMPLE_COLUMNS = {
 SAMPLE_KEY_COLUMNS = {"run_id": "VARCHAR NOT NULL", "step": "BIGINT NOT NULL", "eval_key": "VARCHAR NOT NULL"}
 
 
+# 95% intervals of evaluations with k > 1 responses per problem (bootstrap over problems, computed
+# when recorded: common/store/stats.py); with one response the views compute Wilson intervals.
+INTERVALS_TABLE_SQL = """CREATE TABLE intervals (
+    run_id VARCHAR NOT NULL, step BIGINT NOT NULL, eval_key VARCHAR NOT NULL,
+    grouping VARCHAR NOT NULL,  -- all | subject | level
+    group_value VARCHAR NOT NULL,  -- '' for all, else the subject or the level
+    metric VARCHAR NOT NULL,  -- accuracy | format_accuracy
+    low DOUBLE, high DOUBLE, method VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, step, eval_key, grouping, group_value, metric)
+);"""
+
 # version -> the statements that take a store of version - 1 to it (added columns keep old rows valid).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE samples ADD COLUMN sample_index INTEGER DEFAULT 0",
         "ALTER TABLE samples ADD COLUMN normalized_answer VARCHAR",
-        "ALTER TABLE evaluations ADD COLUMN samples_per_problem INTEGER DEFAULT 1"),
+        "ALTER TABLE evaluations ADD COLUMN samples_per_problem INTEGER DEFAULT 1",
+        INTERVALS_TABLE_SQL),
 }
 
 
@@ -168,6 +181,7 @@ CREATE TABLE samples (
     CHECK (category IN {CATEGORIES})
 );
 CREATE TABLE view_descriptions (name VARCHAR PRIMARY KEY, description VARCHAR);
+{INTERVALS_TABLE_SQL}
 """
 
 _FAILURE_COUNTS_SQL = ",\n       ".join(
@@ -183,30 +197,62 @@ _PER_PROBLEM_SQL = """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.problem
 # (no huge binomials); it is 1 when fewer than k responses are wrong.
 _PASS_AT_K_SQL = "CASE WHEN p.n - p.c < ks.k THEN 1.0 ELSE 1.0 - list_product([(p.n - p.c - i) / (p.n - i) FOR i IN range(ks.k)]) END"
 
-def _accuracy_by(column: str) -> str:
-    """The by_subject / by_level view: accuracy and format accuracy per `column`, per evaluation."""
-    return f"""SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.{column}, count(*) AS num_examples,
-       count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
-       avg((s.category = 'correct')::DOUBLE) AS accuracy,
-       avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy
-FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
-WHERE e.status = 'ok'
-GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.{column}
-ORDER BY s.run_id, s.eval_key, s.{column}, s.step"""
+# The intervals table, one row per (evaluation, grouping, group) with both metrics' ends.
+_INTERVALS_WIDE_SQL = """SELECT run_id, step, eval_key, grouping, group_value,
+           max(low) FILTER (WHERE metric = 'accuracy') AS accuracy_low,
+           max(high) FILTER (WHERE metric = 'accuracy') AS accuracy_high,
+           max(low) FILTER (WHERE metric = 'format_accuracy') AS format_accuracy_low,
+           max(high) FILTER (WHERE metric = 'format_accuracy') AS format_accuracy_high
+    FROM intervals GROUP BY run_id, step, eval_key, grouping, group_value"""
+_INTERVAL_METHOD_SQL = ("CASE WHEN coalesce(samples_per_problem, 1) = 1 THEN 'wilson' "
+                        "ELSE 'bootstrap_problems' END AS interval_method")
+
+
+def _interval_sql(metric: str, successes: str, n: str) -> str:
+    """`<metric>_low, <metric>_high`: Wilson for one response per problem, else the stored bootstrap."""
+    low, high = wilson_sql(successes, n)
+    one = "coalesce(samples_per_problem, 1) = 1"
+    return (f"CASE WHEN {one} THEN {low} ELSE i.{metric}_low END AS {metric}_low, "
+            f"CASE WHEN {one} THEN {high} ELSE i.{metric}_high END AS {metric}_high")
+
+
+def _accuracy_by(group: str) -> str:
+    """by_subject / by_level: accuracy and format accuracy per evaluation and group, with intervals."""
+    return f"""SELECT g.run_id, g.step, g.eval_set, g.eval_key, g.{group}, g.num_examples, g.num_correct,
+       g.accuracy, {_interval_sql("accuracy", "g.num_correct", "g.num_examples")},
+       g.format_accuracy, {_interval_sql("format_accuracy", "g.num_format_correct", "g.num_examples")},
+       {_INTERVAL_METHOD_SQL}
+FROM (SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.{group}, count(*) AS num_examples,
+             count(*) FILTER (WHERE s.category = 'correct') AS num_correct,
+             count(*) FILTER (WHERE s.category <> 'format_failure') AS num_format_correct,
+             avg((s.category = 'correct')::DOUBLE) AS accuracy,
+             avg((s.category <> 'format_failure')::DOUBLE) AS format_accuracy,
+             any_value(e.samples_per_problem) AS samples_per_problem
+      FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
+      WHERE e.status = 'ok'
+      GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.{group}) g
+LEFT JOIN ({_INTERVALS_WIDE_SQL}) i ON i.run_id = g.run_id AND i.step = g.step AND i.eval_key = g.eval_key
+                                   AND i.grouping = '{group}' AND i.group_value = coalesce(g.{group}::VARCHAR, '')
+ORDER BY g.run_id, g.eval_key, g.{group}, g.step"""
 
 
 # name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
 VIEWS: dict[str, tuple[str, str]] = {
     "progress": (
         "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy, by step",
-        """SELECT run_id, step, eval_set, eval_key, accuracy, format_accuracy,
-       100.0 * num_correct / nullif(num_test_cases, 0) AS pct_correct,
-       100.0 * num_wrong_answer / nullif(num_test_cases, 0) AS pct_wrong_answer,
-       100.0 * num_format_failure / nullif(num_test_cases, 0) AS pct_format_failure,
-       avg_response_length, avg_response_length_correct, avg_response_length_incorrect,
-       avg_token_entropy
-FROM evaluations WHERE status = 'ok'
-ORDER BY run_id, eval_key, step""",
+        f"""SELECT e.run_id, e.step, e.eval_set, e.eval_key,
+       e.accuracy, {_interval_sql("accuracy", "e.num_correct", "e.num_test_cases")},
+       e.format_accuracy, {_interval_sql("format_accuracy", "e.num_format_correct", "e.num_test_cases")},
+       100.0 * e.num_correct / nullif(e.num_test_cases, 0) AS pct_correct,
+       100.0 * e.num_wrong_answer / nullif(e.num_test_cases, 0) AS pct_wrong_answer,
+       100.0 * e.num_format_failure / nullif(e.num_test_cases, 0) AS pct_format_failure,
+       e.avg_response_length, e.avg_response_length_correct, e.avg_response_length_incorrect,
+       e.avg_token_entropy, e.samples_per_problem, {_INTERVAL_METHOD_SQL}
+FROM evaluations e
+LEFT JOIN ({_INTERVALS_WIDE_SQL}) i ON i.run_id = e.run_id AND i.step = e.step AND i.eval_key = e.eval_key
+                                   AND i.grouping = 'all'
+WHERE e.status = 'ok'
+ORDER BY e.run_id, e.eval_key, e.step""",
     ),
     "by_subject": ("accuracy and format accuracy per subject, per evaluation", _accuracy_by("subject")),
     "by_level": ("accuracy and format accuracy per difficulty level (1-5), per evaluation", _accuracy_by("level")),

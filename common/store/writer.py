@@ -21,6 +21,7 @@ from common.grading import CATEGORIES, FORMAT_FAILURE_TYPES
 from common.store.schema import (EVALUATION_COLUMNS, EVALUATION_EXTRA_KEYS, LOCK_TIMEOUT_S, REQUIRED_EVALUATION_KEYS,
                                  SAMPLE_COLUMNS, SAMPLE_KEY_COLUMNS, TIME_KEYS, WRITE_LOCK_TIMEOUT_S, StoreError,
                                  _connect_for_write, _utc_now, connect_read_only)
+from common.store.stats import interval_rows
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -273,6 +274,7 @@ def record_evaluation(db_path: str | Path, evaluation: dict, samples: list[dict]
         _insert_run_and_checkpoint(con, row, evaluation)
         _insert_evaluation(con, row)
         _insert_samples(con, table)
+        _insert_intervals(con, row, samples)
         con.commit()
     logger.info("recorded %s step %s %s: %d samples", row["run_id"], row["step"], row["eval_key"], len(samples))
     return True
@@ -314,6 +316,17 @@ def _insert_samples(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
     con.register("new_samples", table)
     con.execute("INSERT INTO samples BY NAME SELECT * FROM new_samples")
     con.unregister("new_samples")
+
+
+def _insert_intervals(con: duckdb.DuckDBPyConnection, row: dict, samples: list[dict]) -> None:
+    """With k > 1 responses per problem: the bootstrap intervals (the views compute Wilson's otherwise)."""
+    if row["samples_per_problem"] == 1:
+        return
+    keys = [row["run_id"], row["step"], row["eval_key"]]
+    con.execute("DELETE FROM intervals WHERE run_id = ? AND step = ? AND eval_key = ?", keys)
+    con.executemany("INSERT INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [[*keys, r["grouping"], r["group_value"], r["metric"], r["low"], r["high"], "bootstrap_problems"]
+                     for r in interval_rows(samples)])
 
 
 def _insert_evaluation(con: duckdb.DuckDBPyConnection, row: dict) -> None:
