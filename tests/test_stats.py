@@ -5,6 +5,11 @@ Every expected value here is worked out by hand in the comments.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -13,6 +18,7 @@ from store_fixtures import SAMPLING, summarise, synthetic_samples
 
 from common.store import schema, writer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 K4_KEY = writer.eval_key("math", SAMPLING, 0, 0, samples_per_problem=4)
 
 # Four problems, four responses each: (category, normalised answer) per sample_index.
@@ -199,3 +205,94 @@ def test_bootstrap_covers_the_true_mean_about_95_percent_of_the_time():
         low, high = bootstrap_intervals({"a": values}, replicates=400, seed=trial)["a"]
         covered += low <= 0.3 <= high
     assert 0.89 <= covered / 200 <= 0.99
+
+
+# ---- paired comparison ---------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_against_hand_computed_binomial_tails():
+    from common.store.stats import mcnemar_exact
+
+    # b=10 learned, c=2 forgotten: 2 * P(Binomial(12, 1/2) <= 2) = 2 * (1 + 12 + 66) / 4096
+    assert mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert mcnemar_exact(2, 10) == mcnemar_exact(10, 2)  # two-sided
+    # b=4, c=2: 2 * (1 + 6 + 15) / 64
+    assert mcnemar_exact(4, 2) == pytest.approx(44 / 64)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    # Agresti (2013) Table 11.1 (presidential approval, b=150, c=86): the chi-square test gives
+    # p = 3.1e-5; the exact test lies close to it.
+    assert 1e-5 < mcnemar_exact(150, 86) < 6e-5
+
+
+def _paired_samples(right: set[int], n: int = 10, extra: int = 0) -> list[dict]:
+    samples = []
+    for index in range(n + extra):
+        correct = index in right
+        samples.append({
+            "problem_id": f"test/p{index}.json", "subject": ("algebra", "geometry")[index % 2], "level": 1 + index % 3,
+            "response": " </think> <answer> 1 </answer>", "ground_truth": "1", "format_reward": 1.0,
+            "answer_reward": float(correct), "reward": float(correct),
+            "category": "correct" if correct else "wrong_answer", "response_length": 5, "finish_reason": "stop",
+            "token_entropy": None, "grading_note": None,
+        })
+    return samples
+
+
+@pytest.fixture(scope="module")
+def paired_store(tmp_path_factory) -> Path:
+    """run_c step 0 right on problems 0-4, step 50 right on 2-8 and one more problem (10) evaluated:
+    learned 5, 6, 7, 8; forgotten 0, 1; step 60 evaluated with another eval key."""
+    db = tmp_path_factory.mktemp("paired") / "results.duckdb"
+    for step, right, extra in ((0, set(range(5)), 0), (50, set(range(2, 9)), 1)):
+        samples = _paired_samples(right, extra=extra)
+        assert writer.record_evaluation(db, summarise("run_c", step, samples), samples)
+    samples = _paired_samples(set())
+    assert writer.record_evaluation(db, {**summarise("run_c", 60, samples), "eval_key": K4_KEY}, samples)
+    return db
+
+
+def bin_query(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common.store.query", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+
+
+def test_compare_gives_difference_interval_mcnemar_and_flips(paired_store):
+    from common.store.stats import Z95
+
+    done = bin_query("--db", str(paired_store), "--format", "json", "compare", "run_c:0", "run_c:50", "--flips")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    [summary] = result["summary"]
+    assert summary["num_problems"] == 10 and (summary["learned"], summary["forgotten"]) == (4, 2)
+    assert summary["accuracy_before"] == pytest.approx(0.5) and summary["accuracy_after"] == pytest.approx(0.7)
+    # d = (4 - 2) / 10; half width = z * sqrt(b + c - (b - c)^2 / n) / n = z * sqrt(5.6) / 10
+    half = Z95 * math.sqrt(5.6) / 10
+    assert (summary["difference"], summary["difference_low"], summary["difference_high"]) == pytest.approx(
+        (0.2, 0.2 - half, 0.2 + half))
+    assert summary["mcnemar_p"] == pytest.approx(44 / 64)
+    flips = {f["problem_id"]: f["flip"] for f in result["flips"]}
+    assert flips == {**{f"test/p{i}.json": "learned" for i in (5, 6, 7, 8)},
+                     **{f"test/p{i}.json": "forgotten" for i in (0, 1)}}
+    subjects = {row["subject"]: (row["learned"], row["forgotten"], row["net"]) for row in result["by_subject"]}
+    assert subjects == {"algebra": (2, 1, 1), "geometry": (2, 1, 1)}  # even problems are algebra
+    levels = {row["level"]: (row["learned"], row["forgotten"]) for row in result["by_level"]}
+    assert levels == {1: (1, 1), 2: (1, 1), 3: (2, 0)}  # level 1 + index % 3: learned 5,6,7,8 -> 3,1,2,3; forgotten 0,1 -> 1,2
+    # Problem 10 exists only after: compared on the shared ones, and said so in one line.
+    [warning] = done.stderr.strip().splitlines()
+    assert "compared on the 10 problems both evaluated" in warning
+
+
+def test_the_flips_view_lists_the_same_flips(paired_store):
+    sql = "SET VARIABLE before = 'run_c:0'; SET VARIABLE after = 'run_c:50'; " \
+          "SELECT flip, count(*) AS n FROM flips GROUP BY flip ORDER BY flip"
+    done = bin_query("--db", str(paired_store), "--format", "json", sql)
+    assert done.returncode == 0, done.stderr
+    assert {r["flip"]: r["n"] for r in json.loads(done.stdout)} == {"forgotten": 2, "kept_right": 3,
+                                                                   "kept_wrong": 1, "learned": 4}
+
+
+def test_compare_refuses_different_eval_configs_and_unknown_steps_in_one_line(paired_store):
+    for refs, named in ((("run_c:0", "run_c:60"), "different eval configs"), (("run_c:0", "run_c:999"), "run_c:999"),
+                        (("run_c:0", "run_c"), "RUN:STEP")):
+        done = bin_query("--db", str(paired_store), "compare", *refs)
+        assert done.returncode == 2 and named in done.stderr and len(done.stderr.strip().splitlines()) == 1, refs

@@ -4,6 +4,7 @@
     bin/query "SELECT run_id, max(accuracy) FROM progress GROUP BY run_id"
     bin/query --format csv by_subject > by_subject.csv   # csv | json | table (default)
     bin/query --list                                     # the views, one line each
+    bin/query compare run_a:250 run_a:300 [--flips]      # paired: difference, McNemar, flips (common/store/compare.py)
 
 Safe while the eval daemon writes: the store is opened read-only, and a busy file is retried
 (common.store), so a query waits at most a moment and sees whole evaluations only.
@@ -32,6 +33,7 @@ import duckdb
 from common.cli import ToolParser, fail
 from common.config import PathsConfig
 from common.contract import Layout
+from common.store.compare import CompareError, compare
 from common.store.schema import VIEWS, StoreBusyError, StoreError, connect_read_only, one_line_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -188,6 +190,7 @@ EPILOG = """examples:
   bin/query "SELECT run_id, max(accuracy) FROM progress GROUP BY run_id"
   bin/query --format csv by_subject > by_subject.csv
   bin/query --max-width 0 "SELECT response FROM samples LIMIT 1"   # whole cells
+  bin/query compare run_a:100 run_a:200 --flips         # what changed between two evaluations
 
 Only statements that read run: INSERT, COPY, INSTALL, ATTACH, ... are refused (the eval daemon is
 the store's only writer). SQL examples: README.md, section "Ready SQL".
@@ -201,7 +204,9 @@ exit codes:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ToolParser("query", description="Read-only SQL on the results store (safe while bin/eval writes it).",
                         epilog=EPILOG)
-    parser.add_argument("sql", nargs="?", help="a SQL statement, or the name of a view (see --list)")
+    parser.add_argument("sql", nargs="?", help="a SQL statement, or the name of a view (see --list), or compare")
+    parser.add_argument("refs", nargs="*", metavar="RUN:STEP", help="with compare: the evaluations before and after")
+    parser.add_argument("--flips", action="store_true", help="with compare: list every problem that flipped")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help="store file (default: %(default)s)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table",
                         help="table: aligned columns for reading (default); csv: RFC 4180 with a header row; "
@@ -215,7 +220,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give a SQL statement or a view name, or --list")
     if args.max_width < 0 or 0 < args.max_width < 4:
         parser.error(f"--max-width {args.max_width}: give 0 (never cut) or at least 4 (room for the ...)")
+    if args.sql == "compare" and len(args.refs) != 2:
+        parser.error("compare takes two evaluations: bin/query compare RUN:STEP RUN:STEP")
+    if args.sql != "compare" and (args.refs or args.flips):
+        parser.error("give the SQL as one quoted argument; RUN:STEP arguments and --flips go with compare")
     return args
+
+
+def print_comparison(db_path: Path, args: argparse.Namespace) -> bool:
+    """bin/query compare: summary, flips by subject and by level (and each flip with --flips);
+    warnings (one line each) on stderr. False when stdout was closed early."""
+    with connect_read_only(db_path) as con:
+        try:
+            result = compare(con, *args.refs)
+        except duckdb.CatalogException:  # a store of an older version, before the eval daemon migrated it
+            raise QueryError(f"{db_path} predates bin/query compare (no problem_outcomes view); the eval daemon's "
+                             f"next evaluation upgrades it, or copy it and record into the copy") from None
+    for warning in result.warnings:
+        print(f"query: warning: {warning}", file=sys.stderr)
+    sections = {"summary": [result.summary], "by_subject": result.by_subject, "by_level": result.by_level}
+    if args.flips:
+        sections["flips"] = result.flips
+    if args.format == "json":
+        return print_stdout(json.dumps({name: [_plain(row) for row in rows] for name, rows in sections.items()}, indent=1))
+    blocks = []
+    for name, rows in sections.items():
+        columns = list(rows[0]) if rows else ["problem_id"]
+        values = [tuple(row.values()) for row in rows]
+        body = format_csv(columns, values) if args.format == "csv" else format_table(columns, values, args.max_width)
+        blocks.append(f"{name}\n{body}")
+    return print_stdout("\n\n".join(blocks))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,10 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         return 0 if print_stdout(list_views()) else BROKEN_PIPE_EXIT_CODE
     try:
+        if args.sql == "compare":
+            return 0 if print_comparison(args.db, args) else BROKEN_PIPE_EXIT_CODE
         columns, rows = run_query(args.db, resolve_sql(args.sql))
     except StoreBusyError as exc:
         return fail("query", exc, BUSY_EXIT_CODE)
-    except (QueryError, StoreError) as exc:
+    except (QueryError, StoreError, CompareError) as exc:
         return fail("query", exc)
     if columns:
         formatters = {"table": lambda: format_table(columns, rows, args.max_width),

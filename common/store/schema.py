@@ -188,11 +188,18 @@ _FAILURE_COUNTS_SQL = ",\n       ".join(
     f"count(*) FILTER (WHERE s.format_failure_type = '{kind}') AS {kind}" for kind in FORMAT_FAILURE_TYPES)
 
 # Per problem of each successful evaluation: n responses, c of them correct.
-_PER_PROBLEM_SQL = """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.problem_id, count(*) AS n,
-           count(*) FILTER (WHERE s.category = 'correct') AS c
+_PER_PROBLEM_SQL = """SELECT s.run_id, s.step, e.eval_set, s.eval_key, s.problem_id, any_value(s.subject) AS subject,
+           any_value(s.level) AS level, count(*) AS n, count(*) FILTER (WHERE s.category = 'correct') AS c
     FROM samples s JOIN evaluations e USING (run_id, step, eval_key)
     WHERE e.status = 'ok'
     GROUP BY s.run_id, s.step, e.eval_set, s.eval_key, s.problem_id"""
+# The evaluation named by a SQL variable ('RUN:STEP' or 'RUN:STEP:EVAL_KEY'), for the flips view.
+def _named_evaluation_sql(variable: str) -> str:
+    part = f"split_part(getvariable('{variable}'), ':', {{}})"
+    return (f"run_id = {part.format(1)} AND step = try_cast({part.format(2)} AS BIGINT) "
+            f"AND ({part.format(3)} = '' OR eval_key = {part.format(3)})")
+
+
 # Chen et al.'s unbiased estimator 1 - C(n-c, k) / C(n, k), as the product prod_{i<k} (n-c-i)/(n-i)
 # (no huge binomials); it is 1 when fewer than k responses are wrong.
 _PASS_AT_K_SQL = "CASE WHEN p.n - p.c < ks.k THEN 1.0 ELSE 1.0 - list_product([(p.n - p.c - i) / (p.n - i) FOR i IN range(ks.k)]) END"
@@ -299,6 +306,24 @@ SELECT p.run_id, p.step, p.eval_set, p.eval_key, ks.k, count(*) AS num_problems,
 FROM problems p JOIN ks USING (run_id, step, eval_key)
 GROUP BY p.run_id, p.step, p.eval_set, p.eval_key, ks.k
 ORDER BY p.run_id, p.eval_key, p.step, ks.k""",
+    ),
+    "problem_outcomes": (
+        "per evaluation and problem: responses, correct ones, accuracy, is_right (more than half correct)",
+        f"""SELECT run_id, step, eval_set, eval_key, problem_id, subject, level, n AS num_responses, c AS num_correct,
+       c / n AS accuracy, 2 * c > n AS is_right
+FROM ({_PER_PROBLEM_SQL})
+ORDER BY run_id, eval_key, step, problem_id""",
+    ),
+    "flips": (
+        "the problems of evaluation $before vs $after (SET VARIABLE before = 'RUN:STEP'): learned, forgotten, kept",
+        f"""WITH outcomes AS ({_PER_PROBLEM_SQL}),
+b AS (SELECT * FROM outcomes WHERE {_named_evaluation_sql("before")}),
+a AS (SELECT * FROM outcomes WHERE {_named_evaluation_sql("after")})
+SELECT b.problem_id, b.subject, b.level, b.eval_key, 2 * b.c > b.n AS right_before, 2 * a.c > a.n AS right_after,
+       CASE WHEN 2 * b.c > b.n THEN (CASE WHEN 2 * a.c > a.n THEN 'kept_right' ELSE 'forgotten' END)
+            ELSE (CASE WHEN 2 * a.c > a.n THEN 'learned' ELSE 'kept_wrong' END) END AS flip
+FROM b JOIN a USING (eval_key, problem_id)
+ORDER BY b.subject, b.level, b.problem_id""",
     ),
     "sampling": (
         "per evaluation with k samples per problem: mean accuracy, pass@k and maj@k (majority vote)",
