@@ -64,6 +64,14 @@ GRADER_NAME = "mathsft"
 GRADER_VERSION = "1"
 FORMAT_FAILURE_TYPES = ("missing_think_close", "missing_answer_open", "missing_answer_close", "incomplete_generation")
 
+
+def categorize(format_reward: float, answer_reward: float) -> str:
+    """The category of a verdict (see CATEGORIES)."""
+    if format_reward < 1:
+        return "format_failure"
+    return "correct" if answer_reward >= 1 else "wrong_answer"
+
+
 THINK_CLOSE = "</think>"
 ANSWER_OPEN = "</think> <answer>"
 ANSWER_CLOSE = "</answer>"
@@ -299,11 +307,13 @@ def _raise_deadline(signum, frame):
     raise _Deadline
 
 
-def _check_with_deadline(answer: str, truth: str, timeout_s: float) -> tuple[bool, str]:
-    """The task each worker runs: (equal, note), with the worker's own timer armed for timeout_s."""
+def _check_with_deadline(answer: str, truth: str, timeout_s: float,
+                         equivalent=symbolic_equivalent) -> tuple[bool, str]:
+    """The task each worker runs: (equal, note), with the worker's own timer armed for timeout_s;
+    `equivalent` is the check (another grader's for bin/regrade, common/graders.py)."""
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        return symbolic_equivalent(answer, truth), ""
+        return equivalent(answer, truth), ""
     except _Deadline:
         return False, "timeout"
     finally:
@@ -317,7 +327,7 @@ _WARM_UP = [("\\frac{1}{2}", "0.5"), ("(1,2]", "[1,2)"), ("\\{1,2\\}", "1, 2"), 
             ("-3+2i", "\\infty"), ("7", "4(3-x)(3+x)"), ("\\left( -\\dfrac{2}{3} \\right)", "-\\frac23")]
 
 
-def _init_worker() -> None:
+def _init_worker(equivalent=symbolic_equivalent) -> None:
     """pebble's initializer, once per worker: memory limit, the check's timer, warm parser caches."""
     import resource
 
@@ -327,7 +337,7 @@ def _init_worker() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its own timer is off: ours is on
     for answer, truth in _WARM_UP:  # import sympy and warm the LaTeX parser's caches before taking work
-        symbolic_equivalent(answer, truth)
+        equivalent(answer, truth)
 
 
 def _worker_pid(hold_s: float) -> int:
@@ -351,11 +361,12 @@ class Grader:
     rebuilding the pool when pebble declares it broken, and a deadline for the whole batch.
     """
 
-    def __init__(self, workers: int = 2, fast_path: bool = True):
+    def __init__(self, workers: int = 2, fast_path: bool = True, equivalent=symbolic_equivalent):
         if workers < 1:
             raise ValueError(f"grading workers must be >= 1, got {workers}; set evaluation.grading_workers")
         self.workers = workers
         self.fast_path = fast_path  # False sends every formatted answer to the symbolic check (tests, bench)
+        self.equivalent = equivalent  # the check the workers run (a module-level function: spawn pickles it by name)
         # (verdict, note) of each (answer, truth) pair settled in the pool (see the module docstring).
         self._verdicts: dict[tuple[str, str], tuple[bool, str]] = {}
         self._pool: pebble.ProcessPool | None = None
@@ -398,7 +409,7 @@ class Grader:
     def _running_pool(self) -> pebble.ProcessPool:
         if self._pool is None:
             # spawn: fork is unsafe in a process with CUDA or threads (the eval daemon has both).
-            self._pool = pebble.ProcessPool(self.workers, initializer=_init_worker,
+            self._pool = pebble.ProcessPool(self.workers, initializer=_init_worker, initargs=(self.equivalent,),
                                             context=multiprocessing.get_context("spawn"))
         return self._pool
 
@@ -456,7 +467,7 @@ class Grader:
                     break
                 pool = self._running_pool()
                 try:
-                    futures = [pool.schedule(_check_with_deadline, (*pairs[index], timeout_s),
+                    futures = [pool.schedule(_check_with_deadline, (*pairs[index], timeout_s, self.equivalent),
                                              timeout=timeout_s + HARD_KILL_GRACE_S) for index in todo]
                 except RuntimeError:  # pebble refuses work once its pool is in ERROR (a worker died while idle)
                     logger.warning("the grading pool broke while idle; restarting it")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from common.config import EvaluationConfig
 from common.data import MathExample, build_prompt, check_eval_set, load_math, load_prompt_template, select_subset
-from common.grading import Grader, extract_answer, strip_string
+from common.grading import Grader, categorize, extract_answer, strip_string
 from common.store.writer import stratified_set_name
 from eval_daemon.engines.base import Generation, GenerationEngine, Sampling
 from eval_daemon.entropy import sample_indices
@@ -110,12 +110,6 @@ def run_evaluation(engine: GenerationEngine, eval_set: EvalSet, sampling: Sampli
     metrics = {**summarize(samples, engine.entropy_method), "samples_per_problem": k}
     return EvalResult(samples=samples, metrics=metrics, timings=timings,
                       gpu=gpu.summary())
-
-
-def categorize(format_reward: float, answer_reward: float) -> str:
-    if format_reward < 1:
-        return "format_failure"
-    return "correct" if answer_reward >= 1 else "wrong_answer"
 
 
 def make_sample(example: MathExample, prompt: str, generation: Generation, grade: dict,

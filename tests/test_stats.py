@@ -296,3 +296,74 @@ def test_compare_refuses_different_eval_configs_and_unknown_steps_in_one_line(pa
                         (("run_c:0", "run_c"), "RUN:STEP")):
         done = bin_query("--db", str(paired_store), "compare", *refs)
         assert done.returncode == 2 and named in done.stderr and len(done.stderr.strip().splitlines()) == 1, refs
+
+
+# ---- regrading -----------------------------------------------------------------------------------
+
+
+def test_graders_follow_their_published_semantics():
+    from common.graders import cs336_equivalent, math_verify_equivalent
+    from common.grading import fast_verdict
+
+    # An unreduced fraction: mathsft and math-verify compare values, the CS336 grader compares it as written.
+    assert fast_verdict("\\frac{2}{4}", "\\frac{1}{2}") is True
+    assert math_verify_equivalent("\\frac{2}{4}", "\\frac{1}{2}")
+    assert not cs336_equivalent("\\frac{2}{4}", "\\frac{1}{2}")
+    # Its MATH normalisation and its PRM800K normalisation (integers, units, text).
+    assert cs336_equivalent("\\frac12", "0.5") and cs336_equivalent("3.0", "3")
+    assert cs336_equivalent("5 \\text{ cm}", "5") and cs336_equivalent("\\text{(B)}", "(B)")
+    assert cs336_equivalent("x^2+2x+1", "(x+1)^2")  # sympy on the normalised text
+    assert not cs336_equivalent("4", "3") and not cs336_equivalent("(1,2]", "[1,2)")  # brackets must agree
+
+
+def _regrade_store(db: Path) -> None:
+    """One evaluation of four responses, graded by the eval daemon (mathsft) as: correct (2/4 for 1/2),
+    correct, wrong, format failure."""
+    responses = [(" </think> <answer> \\frac{2}{4} </answer>", "\\frac{1}{2}", "correct"),
+                 (" </think> <answer> \\frac{1}{2} </answer>", "\\frac{1}{2}", "correct"),
+                 (" </think> <answer> 3 </answer>", "4", "wrong_answer"),
+                 (" no tags 4", "4", "format_failure")]
+    samples = []
+    for index, (response, truth, category) in enumerate(responses):
+        correct = category == "correct"
+        samples.append({"problem_id": f"test/r{index}.json", "subject": "algebra", "level": 1, "response": response,
+                        "ground_truth": truth, "format_reward": 0.0 if category == "format_failure" else 1.0,
+                        "answer_reward": float(correct), "reward": float(correct), "category": category,
+                        "format_failure_type": "missing_think_close" if category == "format_failure" else None,
+                        "response_length": 9, "finish_reason": "stop", "token_entropy": None})
+    assert writer.record_evaluation(db, summarise("run_r", 10, samples), samples)
+
+
+def test_regrade_is_idempotent_and_counts_disagreements(tmp_path, capsys):
+    from common.store import regrade
+
+    db = tmp_path / "results.duckdb"
+    _regrade_store(db)
+    args = ["--db", str(db), "--grader", "cs336", "--workers", "1", "run_r:10", "--samples"]
+    assert regrade.main(args) == 0
+    first = query(db, "SELECT * FROM grades ORDER BY problem_id")
+    assert len(first) == 4 and {r["grader"] for r in first} == {"cs336"}
+    assert [r["category"] for r in first] == ["wrong_answer", "correct", "wrong_answer", "format_failure"]
+    assert regrade.main(args) == 0  # twice: the same rows, nothing added
+    assert query(db, "SELECT * FROM grades ORDER BY problem_id") == first
+    [counts] = [dict(zip(*(lambda c, r: (c, r[0]))(*regrade.disagreements(db, "cs336", "run_r", 10))))]
+    assert counts == {"run_id": "run_r", "step": 10, "eval_key": counts["eval_key"], "responses": 4,
+                      "correct_recorded": 2, "correct_regraded": 1, "only_recorded_correct": 1,
+                      "only_regraded_correct": 0}
+    assert capsys.readouterr().out.count("test/r0.json") == 2  # listed once per run with --samples
+    by_grader = {r["grader"]: r["accuracy"] for r in query(db, "SELECT * FROM accuracy_by_grader")}
+    assert by_grader == {"recorded": 0.5, "cs336": 0.25}  # one query away
+    [disagreement] = query(db, "SELECT problem_id, recorded_category, grader_category FROM grade_disagreements")
+    assert disagreement == {"problem_id": "test/r0.json", "recorded_category": "correct",
+                            "grader_category": "wrong_answer"}
+    assert query(db, "SELECT count(*) AS n FROM samples WHERE category = 'correct'") == [{"n": 2}]  # original untouched
+
+
+def test_regrade_refuses_an_unknown_step_in_one_line(tmp_path, capsys):
+    from common.store import regrade
+
+    db = tmp_path / "results.duckdb"
+    _regrade_store(db)
+    assert regrade.main(["--db", str(db), "--grader", "math-verify", "run_r:99"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bin/regrade: error: no successful evaluation of run_r step 99")

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import duckdb
 
-from common.cli import ToolParser, fail
+from common.cli import USAGE_EXIT_CODE, ToolParser, fail
 from common.config import PathsConfig
 from common.contract import Layout
 from common.store.compare import CompareError, compare
@@ -177,6 +177,12 @@ def print_stdout(text: str) -> bool:
         return False
 
 
+def report_error(tool: str, exc: Exception) -> int:
+    """Print a tool's one-line error; its exit code: 1 for a store that stayed busy, else 2. Shared by
+    bin/query and bin/regrade."""
+    return fail(tool, exc, BUSY_EXIT_CODE if isinstance(exc, StoreBusyError) else USAGE_EXIT_CODE)
+
+
 def list_views() -> str:
     width = max(len(name) for name in VIEWS)
     return "\n".join(f"{name.ljust(width)}  {description}" for name, (description, _) in VIEWS.items())
@@ -261,10 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sql == "compare":
             return 0 if print_comparison(args.db, args) else BROKEN_PIPE_EXIT_CODE
         columns, rows = run_query(args.db, resolve_sql(args.sql))
-    except StoreBusyError as exc:
-        return fail("query", exc, BUSY_EXIT_CODE)
     except (QueryError, StoreError, CompareError) as exc:
-        return fail("query", exc)
+        return report_error("query", exc)
     if columns:
         formatters = {"table": lambda: format_table(columns, rows, args.max_width),
                       "csv": lambda: format_csv(columns, rows), "json": lambda: format_json(columns, rows)}

@@ -7,9 +7,11 @@ not even read-only. So the writer opens the file only for one short transaction 
 and close. Both retry with a short exponential backoff while the other side holds the file, so a
 lock error never reaches a user, and a reader never sees half an evaluation.
 
-Tables: meta (schema_version, views_sha), runs, checkpoints, evaluations, samples, view_descriptions.
+Tables: meta (schema_version, views_sha), runs, checkpoints, evaluations, samples, intervals, grades,
+view_descriptions.
 Views (created with the schema, so a plain `duckdb results/results.duckdb` has them too):
-progress, by_subject, by_level, format_failures, run_compare, pass_at_k, sampling; see VIEWS below.
+progress, by_subject, by_level, format_failures, run_compare, problem_outcomes, flips, accuracy_by_grader,
+grade_disagreements, pass_at_k, sampling; see VIEWS below.
 
 Old stores stay readable: a file of an older schema version is migrated by the writer (the eval
 daemon) in one transaction the next time it records (MIGRATIONS: columns added with defaults,
@@ -39,7 +41,7 @@ from common.store.stats import wilson_sql
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # How long a reader waits for the writer to close the file before giving up.
 LOCK_TIMEOUT_S = 30.0
 # The writer waits longer: an evaluation is never dropped because someone's query was slow.
@@ -142,12 +144,24 @@ INTERVALS_TABLE_SQL = """CREATE TABLE intervals (
     PRIMARY KEY (run_id, step, eval_key, grouping, group_value, metric)
 );"""
 
+# Verdicts of other graders on stored responses (bin/regrade, common/store/regrade.py); the daemon's
+# own verdict stays in samples. One row per response and grader: regrading again adds nothing.
+GRADES_TABLE_SQL = """CREATE TABLE grades (
+    run_id VARCHAR NOT NULL, step BIGINT NOT NULL, eval_key VARCHAR NOT NULL,
+    problem_id VARCHAR NOT NULL, sample_index INTEGER NOT NULL,
+    grader VARCHAR NOT NULL,  -- mathsft | cs336 | math-verify (common/graders.py)
+    format_reward DOUBLE, answer_reward DOUBLE, reward DOUBLE, category VARCHAR NOT NULL, grading_note VARCHAR,
+    graded_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (run_id, step, eval_key, problem_id, sample_index, grader)
+);"""
+
 # version -> the statements that take a store of version - 1 to it (added columns keep old rows valid).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE samples ADD COLUMN sample_index INTEGER DEFAULT 0",
         "ALTER TABLE samples ADD COLUMN normalized_answer VARCHAR",
         "ALTER TABLE evaluations ADD COLUMN samples_per_problem INTEGER DEFAULT 1",
         INTERVALS_TABLE_SQL),
+    3: (GRADES_TABLE_SQL,),
 }
 
 
@@ -182,6 +196,7 @@ CREATE TABLE samples (
 );
 CREATE TABLE view_descriptions (name VARCHAR PRIMARY KEY, description VARCHAR);
 {INTERVALS_TABLE_SQL}
+{GRADES_TABLE_SQL}
 """
 
 _FAILURE_COUNTS_SQL = ",\n       ".join(
@@ -324,6 +339,26 @@ SELECT b.problem_id, b.subject, b.level, b.eval_key, 2 * b.c > b.n AS right_befo
             ELSE (CASE WHEN 2 * a.c > a.n THEN 'learned' ELSE 'kept_wrong' END) END AS flip
 FROM b JOIN a USING (eval_key, problem_id)
 ORDER BY b.subject, b.level, b.problem_id""",
+    ),
+    "accuracy_by_grader": (
+        "per evaluation and grader: accuracy of the stored responses ('recorded': the eval daemon's verdicts)",
+        """SELECT run_id, step, eval_key, grader, count(*) AS num_samples, avg(answer_reward * format_reward) AS accuracy,
+       avg(format_reward) AS format_accuracy
+FROM (SELECT run_id, step, eval_key, 'recorded' AS grader, answer_reward, format_reward FROM samples
+      UNION ALL SELECT run_id, step, eval_key, grader, answer_reward, format_reward FROM grades)
+JOIN evaluations e USING (run_id, step, eval_key)
+WHERE e.status = 'ok'
+GROUP BY run_id, step, eval_key, grader
+ORDER BY run_id, eval_key, step, grader""",
+    ),
+    "grade_disagreements": (
+        "responses a regrade scored differently from the eval daemon: grader, both verdicts, answer, truth",
+        """SELECT g.run_id, g.step, g.eval_key, g.grader, g.problem_id, g.sample_index, s.category AS recorded_category,
+       g.category AS grader_category, s.normalized_answer, s.ground_truth, s.grading_note AS recorded_note,
+       g.grading_note AS grader_note
+FROM grades g JOIN samples s USING (run_id, step, eval_key, problem_id, sample_index)
+WHERE g.category <> s.category
+ORDER BY g.run_id, g.eval_key, g.step, g.grader, g.problem_id, g.sample_index""",
     ),
     "sampling": (
         "per evaluation with k samples per problem: mean accuracy, pass@k and maj@k (majority vote)",

@@ -334,3 +334,28 @@ def _insert_evaluation(con: duckdb.DuckDBPyConnection, row: dict) -> None:
     placeholders = ", ".join("?" for _ in names)
     con.execute(f"INSERT INTO evaluations ({', '.join(names)}) VALUES ({placeholders})",
                 [row[name] for name in EVALUATION_COLUMNS] + [_utc_now()])
+
+
+def record_grades(db_path: str | Path, rows: list[dict], timeout_s: float = WRITE_LOCK_TIMEOUT_S) -> int:
+    """Store another grader's verdicts (bin/regrade) in one transaction; a (response, grader) already
+    graded keeps its row, so regrading twice leaves the same rows. Returns the rows added."""
+    columns = ("run_id", "step", "eval_key", "problem_id", "sample_index", "grader", "format_reward", "answer_reward",
+               "reward", "category", "grading_note")
+    now = _utc_now()
+    with _connect_for_write(Path(db_path), timeout_s) as con:
+        con.begin()
+        before = con.execute("SELECT count(*) FROM grades").fetchone()[0]
+        con.executemany(f"INSERT INTO grades ({', '.join(columns)}, graded_at) VALUES "
+                        f"({', '.join('?' for _ in columns)}, ?) ON CONFLICT DO NOTHING",
+                        [[row[c] for c in columns] + [now] for row in rows])
+        added = con.execute("SELECT count(*) FROM grades").fetchone()[0] - before
+        con.commit()
+    return added
+
+
+def upgrade(db_path: str | Path, timeout_s: float = WRITE_LOCK_TIMEOUT_S) -> None:
+    """Migrate an existing store to this version (what every write does first); StoreMissingError when absent."""
+    with connect_read_only(db_path, timeout_s):
+        pass  # raises StoreMissingError for a file that does not exist, instead of creating one
+    with _connect_for_write(Path(db_path), timeout_s):
+        pass
