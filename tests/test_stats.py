@@ -111,7 +111,7 @@ def test_two_samples_with_one_index_are_refused(tmp_path):
 
 def _make_version_1(db: Path) -> None:
     """Turn a current store into what version 1 wrote: no sample_index / normalized_answer /
-    samples_per_problem columns, no intervals table, its own views, no views_sha."""
+    samples_per_problem columns, no intervals or grades table, its own views, no views_sha."""
     con = duckdb.connect(str(db))
     try:
         for (name,) in con.execute("SELECT name FROM view_descriptions").fetchall():
@@ -121,6 +121,7 @@ def _make_version_1(db: Path) -> None:
         con.execute("ALTER TABLE samples DROP COLUMN normalized_answer")
         con.execute("ALTER TABLE evaluations DROP COLUMN samples_per_problem")
         con.execute("DROP TABLE intervals")
+        con.execute("DROP TABLE grades")
         con.execute("CREATE VIEW progress AS SELECT run_id, step, eval_key, accuracy FROM evaluations")
         con.execute("INSERT INTO view_descriptions VALUES ('progress', 'v1 progress')")
         con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
