@@ -54,9 +54,11 @@ def test_a_view_by_name_prints_an_aligned_table(filled):
     result = query("--db", str(filled.db_path), "progress")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["run_id", "step", "eval_set", "eval_key", "accuracy", "format_accuracy",
+    assert lines[0].split() == ["run_id", "step", "eval_set", "eval_key", "accuracy", "accuracy_low", "accuracy_high",
+                                "format_accuracy", "format_accuracy_low", "format_accuracy_high",
                                 "pct_correct", "pct_wrong_answer", "pct_format_failure", "avg_response_length",
-                                "avg_response_length_correct", "avg_response_length_incorrect", "avg_token_entropy"]
+                                "avg_response_length_correct", "avg_response_length_incorrect", "avg_token_entropy",
+                                "samples_per_problem", "interval_method"]
     assert lines[-1] == "(7 rows)"
     body = lines[2:-1]
     assert len(body) == 7
