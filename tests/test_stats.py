@@ -367,4 +367,4 @@ def test_regrade_refuses_an_unknown_step_in_one_line(tmp_path, capsys):
     _regrade_store(db)
     assert regrade.main(["--db", str(db), "--grader", "math-verify", "run_r:99"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("bin/regrade: error: no successful evaluation of run_r step 99")
+    assert line.startswith("regrade: error: no successful evaluation of run_r step 99")
