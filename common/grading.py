@@ -310,7 +310,7 @@ def _raise_deadline(signum, frame):
 def _check_with_deadline(answer: str, truth: str, timeout_s: float,
                          equivalent=symbolic_equivalent) -> tuple[bool, str]:
     """The task each worker runs: (equal, note), with the worker's own timer armed for timeout_s;
-    `equivalent` is the check (another grader's for bin/regrade, common/graders.py)."""
+    `equivalent` is the check (another grader's for bin/regrade, common/store/graders.py)."""
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         return equivalent(answer, truth), ""

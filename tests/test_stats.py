@@ -303,7 +303,7 @@ def test_compare_refuses_different_eval_configs_and_unknown_steps_in_one_line(pa
 
 
 def test_graders_follow_their_published_semantics():
-    from common.graders import cs336_equivalent, math_verify_equivalent
+    from common.store.graders import cs336_equivalent, math_verify_equivalent
     from common.grading import fast_verdict
 
     # An unreduced fraction: mathsft and math-verify compare values, the CS336 grader compares it as written.

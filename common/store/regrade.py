@@ -4,7 +4,7 @@
     bin/regrade --grader math-verify run_a:300      # RUN or RUN:STEP
     bin/regrade --grader cs336 run_a --samples      # also list the responses where the graders disagree
 
-Graders (common/graders.py): mathsft (the eval daemon's), cs336 (the CS336 / Dr. GRPO reward, fast
+Graders (common/store/graders.py): mathsft (the eval daemon's), cs336 (the CS336 / Dr. GRPO reward, fast
 mode), math-verify. Verdicts go to the `grades` table, one row per response and grader; the eval
 daemon's verdict in `samples` stays as it was. A response already graded by that grader is not
 graded again, so running the same command twice leaves the same rows. Then it prints, per
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.cli import ToolParser
-from common.graders import GRADERS
+from common.store.graders import GRADERS
 from common.grading import Grader, GraderError, categorize
 from common.store.query import BROKEN_PIPE_EXIT_CODE, DEFAULT_DB, format_table, print_stdout, report_error
 from common.store.schema import StoreError, connect_read_only

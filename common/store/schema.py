@@ -149,7 +149,7 @@ INTERVALS_TABLE_SQL = """CREATE TABLE intervals (
 GRADES_TABLE_SQL = """CREATE TABLE grades (
     run_id VARCHAR NOT NULL, step BIGINT NOT NULL, eval_key VARCHAR NOT NULL,
     problem_id VARCHAR NOT NULL, sample_index INTEGER NOT NULL,
-    grader VARCHAR NOT NULL,  -- mathsft | cs336 | math-verify (common/graders.py)
+    grader VARCHAR NOT NULL,  -- mathsft | cs336 | math-verify (common/store/graders.py)
     format_reward DOUBLE, answer_reward DOUBLE, reward DOUBLE, category VARCHAR NOT NULL, grading_note VARCHAR,
     graded_at TIMESTAMP NOT NULL,
     PRIMARY KEY (run_id, step, eval_key, problem_id, sample_index, grader)
