@@ -1,29 +1,31 @@
-"""Mean token entropy of responses: which responses are scored, and the two estimators.
+"""Mean token entropy of responses: which responses are scored, and the one definition both engines use.
 
-Asking vLLM for top-20 logprobs of every generated token made generation 7x slower on an H100,
-so a fixed, seeded subsample of the responses (`evaluation.entropy_sample_size`, the same problems
-for every checkpoint) is scored in a prefill over prompt + response, by the engine that already
-holds the model (no second copy of the weights), at the end of the engine's generate():
+Asking vLLM for logprobs of every generated token made generation 7x slower on an H100, so a
+fixed, seeded subsample of the responses (`evaluation.entropy_sample_size`, the same problems for
+every checkpoint) is scored after generation, by the engine that already holds the model (no
+second copy of the weights), in a teacher-forced forward pass over prompt + response:
 
-- hf engine:   a teacher-forced forward pass after the batches; entropy over the full vocabulary
-               (exact).
-               method "hf_forward_full_vocab".
-- vllm engine: one more engine call with max_tokens=1 and prompt_logprobs=20 (prefill only).
-               The entropy is computed from the top-20 probabilities plus the remaining mass as
-               one bucket, a lower bound on the full-vocabulary entropy that is exact when the top
-               20 hold all the mass. method "vllm_prompt_logprobs_top20_lower_bound".
+- hf engine:   the transformers model's decoder, then its LM head (eval_daemon/engines/hf.py).
+- vllm engine: the same inside vLLM's worker, on the weights it serves
+               (eval_daemon/engines/vllm_worker.py, called through `LLM.collective_rpc`).
 
-The entropy is that of the model's own distribution (temperature 1, no top-p), averaged over the
-response's positions, then over responses. The method and the sample size are stored with each
-number. Used by eval_daemon/engines/base.py and eval_daemon/evaluate.py.
+Both reduce the hidden states to entropy with `response_entropies` below: the full-vocabulary
+entropy (nats, temperature 1, no top-p) of the next-token distribution at every position that
+predicts a response token, averaged over the response's positions (method EXACT_METHOD). The
+logits exist CHUNK_POSITIONS positions at a time, never [all tokens x vocabulary] at once.
+Evaluations recorded before this (vLLM) carry "vllm_prompt_logprobs_top20_lower_bound": a lower
+bound from the top-20 prompt logprobs, far below the exact value (0.33 vs 6.6 nats on the demo).
+The method and the sample size are stored with each number. Used by eval_daemon/engines/ and
+eval_daemon/evaluate.py.
 """
 
 from __future__ import annotations
 
-import math
 import random
+from collections.abc import Callable, Sequence
 
-TOP_K = 20  # vLLM's default max_logprobs; larger needs a bigger max_logprobs at engine start
+EXACT_METHOD = "exact_full_vocab"
+CHUNK_POSITIONS = 256  # [256 x 152k] float32 logits: 155 MB, inside what vLLM reserves for its sampler
 
 
 def sample_indices(num_examples: int, sample_size: int, seed: int) -> list[int]:
@@ -35,20 +37,28 @@ def sample_indices(num_examples: int, sample_size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(num_examples), sample_size))
 
 
-def entropy_from_top_logprobs(logprobs: list[float]) -> float:
-    """Entropy (nats) of one position from its top-k log-probabilities (normalised over the full
-    vocabulary); the mass outside the top k counts as a single outcome, so this is a lower bound."""
-    probs = [math.exp(lp) for lp in logprobs]
-    entropy = -sum(p * lp for p, lp in zip(probs, logprobs) if p > 0)
-    rest = 1.0 - sum(probs)
-    if rest > 1e-12:
-        entropy -= rest * math.log(rest)
-    return entropy
+def response_positions(prompt_length: int, response_length: int) -> slice:
+    """The positions of prompt + response whose next-token distributions predict the response's
+    tokens: from the last prompt token to the one before the last response token."""
+    return slice(prompt_length - 1, prompt_length - 1 + response_length)
 
 
-def mean_entropy_from_logits(logits) -> float:
-    """Mean entropy (nats) over positions of a [positions, vocab] logits tensor, in float32."""
+def position_entropies(states, logits_of: Callable):
+    """Full-vocabulary entropy (nats, float32) of each position of `states` ([positions, hidden]);
+    `logits_of(chunk)` is the model's LM head, applied to CHUNK_POSITIONS positions at a time."""
     import torch
 
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return float(-(logp.exp() * logp).sum(dim=-1).mean())
+    values = []
+    for start in range(0, len(states), CHUNK_POSITIONS):
+        logp = torch.log_softmax(logits_of(states[start:start + CHUNK_POSITIONS]).float(), dim=-1)
+        values.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def response_entropies(response_states: Sequence, logits_of: Callable) -> list[float]:
+    """Mean token entropy of each response from its `response_positions` hidden states
+    ([response length, hidden] each, none empty); the responses' positions share the chunks."""
+    import torch
+
+    entropies = position_entropies(torch.cat(list(response_states)), logits_of)
+    return [float(part.mean()) for part in entropies.split([len(s) for s in response_states])]

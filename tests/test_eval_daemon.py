@@ -20,6 +20,7 @@ import pytest
 
 from common.contract import MANIFEST_NAME, Sidecar, marker_path, publish_checkpoint
 from common.store.schema import connect_read_only
+from eval_daemon.entropy import EXACT_METHOD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,7 +223,7 @@ def test_checkpoint_argument_evaluates_one_model_and_exits(tmp_path, tiny_model_
     assert evaluations(db) == [(str(tiny_model_dir.resolve()), 0, "ok", 7)]
     with connect_read_only(db) as con:
         engine, method, size = con.execute("SELECT engine, entropy_method, entropy_sample_size FROM evaluations").fetchone()
-    assert (engine, method, size) == ("hf", "hf_forward_full_vocab", 3)
+    assert (engine, method, size) == ("hf", EXACT_METHOD, 3)
     with connect_read_only(db) as con:  # issue 14 item 4: what moved the number, stored with it
         printed = con.execute("SELECT engine_version, grader, grader_version, dtype, max_model_len, device, "
                               "deterministic_scheduling, length(problems_sha256), length(prompt_template_sha256) "

@@ -21,7 +21,7 @@ from common.data import load_math
 from common.grading import Grader
 from eval_daemon.engines.base import CheckpointLoadError, Generation, Sampling, check_model_dir, model_fingerprint
 from eval_daemon.engines.hf import HfEngine
-from eval_daemon.entropy import entropy_from_top_logprobs, mean_entropy_from_logits, sample_indices
+from eval_daemon.entropy import sample_indices
 from eval_daemon.evaluate import EvalSet, run_evaluation
 from eval_daemon.records import commit_and_mark, commit_eval_files, write_analysis_files, write_eval_files
 from eval_daemon.schedule import pending
@@ -121,59 +121,26 @@ def test_watcher_wakes_on_manifest_replace_not_on_step_dirs(tmp_path, polling):
 # ---- entropy -------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # thousands of random positions (seconds)
-def test_flat_logprobs_entropies_equal_the_per_position_dicts():
-    """The vectorised path over vLLM's FlatLogprobs gives what one dict per position gives: the
-    scored token counted once whether or not it is in the top k, -inf logprobs, full-mass rows."""
-    pytest.importorskip("vllm")
-    import random
-
-    from vllm.logprobs import FlatLogprobs, Logprob
-
-    from eval_daemon.engines.vllm import _position_entropies
-
-    rng = random.Random(0)
-    flat, dicts = FlatLogprobs(), []
-    flat.append(None)  # vLLM's first prompt position
-    dicts.append(None)
-    for position in range(300):
-        top = rng.sample(range(1000), 5)
-        raw = sorted((rng.random() for _ in top), reverse=True)
-        mass = rng.choice([1.0, 0.9, 0.5])  # 1.0: the top 5 hold all the mass
-        logprobs = [math.log(mass * r / sum(raw)) for r in raw]
-        if position % 7 == 0:
-            logprobs[-1] = float("-inf")
-        scored = top[rng.randrange(5)] if position % 2 else rng.randrange(1000, 2000)
-        scored_logprob = logprobs[top.index(scored)] if scored in top else math.log((1 - mass) / 3 + 1e-9)
-        ids, values = [scored, *top], [scored_logprob, *logprobs]
-        dicts.append({i: Logprob(v, None, None) for i, v in zip(ids, values)})
-        flat.append(dicts[-1])  # appending a dict stores it de-duplicated: positions of 5 or 6 entries
-    # The layout vLLM writes: the scored token first, again in the top k when it is there (6 entries each).
-    raw_flat = FlatLogprobs()
-    raw_flat.append(None)
-    for d in dicts[1:]:
-        ids, values = list(d), [lp.logprob for lp in d.values()]
-        if len(ids) == 5:  # the scored token was in the top 5: vLLM writes it twice
-            ids, values = [ids[0], *ids], [values[0], *values]
-        raw_flat.append_fast(ids, values, [None] * len(ids), [None] * len(ids))
-    expected = _position_entropies(dicts, 1)
-    assert len(expected) == 300
-    assert _position_entropies(raw_flat, 1) == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    assert _position_entropies(flat, 1) == pytest.approx(expected, rel=1e-12, abs=1e-12)
-
-
-def test_entropy_estimators():
+def test_exact_entropy_of_known_distributions_in_any_chunking(monkeypatch):
+    """Response means over the positions that predict the response, whatever the chunk size: a
+    chunk boundary inside a response and a response spanning chunks give the same numbers."""
     import torch
+
+    import eval_daemon.entropy as entropy
 
     probs = [0.5, 0.25, 0.125, 0.125]
     exact = -sum(p * math.log(p) for p in probs)
-    assert entropy_from_top_logprobs([math.log(p) for p in probs]) == pytest.approx(exact)
-    # Top-2 only: the other 0.25 counts as one outcome, a lower bound on the entropy.
-    top2 = entropy_from_top_logprobs([math.log(0.5), math.log(0.25)])
-    assert top2 == pytest.approx(exact - 2 * 0.125 * math.log(8) + 0.25 * math.log(1 / 0.25))
-    assert top2 < exact
-    logits = torch.log(torch.tensor([probs, [0.25] * 4]))
-    assert mean_entropy_from_logits(logits) == pytest.approx((exact + math.log(4)) / 2, rel=1e-5)
+    # The identity as the LM head: each hidden state is its own logits.
+    peaked, uniform = torch.log(torch.tensor(probs)), torch.zeros(4)
+    responses = [torch.stack([peaked, uniform]), torch.stack([uniform]), torch.stack([peaked, peaked, uniform])]
+    expected = [(exact + math.log(4)) / 2, math.log(4), (2 * exact + math.log(4)) / 3]
+    for chunk in (256, 2, 1):
+        monkeypatch.setattr(entropy, "CHUNK_POSITIONS", chunk)
+        assert entropy.response_entropies(responses, lambda x: x) == pytest.approx(expected, rel=1e-6)
+    assert entropy.response_positions(prompt_length=5, response_length=3) == slice(4, 7)
+
+
+def test_entropy_subsample_is_fixed_and_seeded():
     assert sample_indices(10, 4, seed=3) == sample_indices(10, 4, seed=3)
     assert len(set(sample_indices(10, 4, seed=3))) == 4
     assert sample_indices(3, 5, seed=0) == [0, 1, 2] and sample_indices(3, 0, seed=0) == []

