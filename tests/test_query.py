@@ -58,7 +58,7 @@ def test_a_view_by_name_prints_an_aligned_table(filled):
                                 "format_accuracy", "format_accuracy_low", "format_accuracy_high",
                                 "pct_correct", "pct_wrong_answer", "pct_format_failure", "avg_response_length",
                                 "avg_response_length_correct", "avg_response_length_incorrect", "avg_token_entropy",
-                                "samples_per_problem", "interval_method"]
+                                "entropy_method", "samples_per_problem", "interval_method"]
     assert lines[-1] == "(7 rows)"
     body = lines[2:-1]
     assert len(body) == 7

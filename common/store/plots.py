@@ -413,7 +413,8 @@ def summary_text(series: Sequence[Series]) -> str:
         rows = [(r["step"], r["accuracy"], r["format_accuracy"], r["avg_response_length"], r["avg_token_entropy"])
                 for r in s.progress]
         table = format_table(("step", "accuracy", "format_accuracy", "mean_length", "mean_entropy"), rows)
-        blocks.append(f"{s.run_id}  ({s.eval_key})\n{table}")
+        method = f"  entropy: {', '.join(s.entropy_methods)}" if s.entropy_methods else ""
+        blocks.append(f"{s.run_id}  ({s.eval_key}){method}\n{table}")
     return "\n\n".join(blocks)
 
 

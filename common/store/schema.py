@@ -261,7 +261,7 @@ ORDER BY g.run_id, g.eval_key, g.{group}, g.step"""
 # name -> (one-line description for `bin/query --list`, SELECT). Only successful evaluations count.
 VIEWS: dict[str, tuple[str, str]] = {
     "progress": (
-        "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy, by step",
+        "one row per evaluation: accuracy, format accuracy, category %, mean lengths, entropy + method, by step",
         f"""SELECT e.run_id, e.step, e.eval_set, e.eval_key,
        e.accuracy, {_interval_sql("accuracy", "e.num_correct", "e.num_test_cases")},
        e.format_accuracy, {_interval_sql("format_accuracy", "e.num_format_correct", "e.num_test_cases")},
@@ -269,7 +269,7 @@ VIEWS: dict[str, tuple[str, str]] = {
        100.0 * e.num_wrong_answer / nullif(e.num_test_cases, 0) AS pct_wrong_answer,
        100.0 * e.num_format_failure / nullif(e.num_test_cases, 0) AS pct_format_failure,
        e.avg_response_length, e.avg_response_length_correct, e.avg_response_length_incorrect,
-       e.avg_token_entropy, e.samples_per_problem, {_INTERVAL_METHOD_SQL}
+       e.avg_token_entropy, e.entropy_method, e.samples_per_problem, {_INTERVAL_METHOD_SQL}
 FROM evaluations e
 LEFT JOIN ({_INTERVALS_WIDE_SQL}) i ON i.run_id = e.run_id AND i.step = e.step AND i.eval_key = e.eval_key
                                    AND i.grouping = 'all'
