@@ -14,7 +14,7 @@ entropy (nats, temperature 1, no top-p) of the next-token distribution at every 
 predicts a response token, averaged over the response's positions (method EXACT_METHOD). The
 logits exist CHUNK_POSITIONS positions at a time, never [all tokens x vocabulary] at once.
 Evaluations recorded before this (vLLM) carry "vllm_prompt_logprobs_top20_lower_bound": a lower
-bound from the top-20 prompt logprobs, far below the exact value (0.33 vs 6.6 nats on the demo).
+bound from the top-20 prompt logprobs, far below the exact value (0.33 vs 6.6 nats on the demo, issue 17).
 The method and the sample size are stored with each number. Used by eval_daemon/engines/ and
 eval_daemon/evaluate.py.
 """
