@@ -171,6 +171,13 @@ def _micro_batch(input_ids, targets, position_ids, attention_mask) -> MicroBatch
 
 def build_micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int,
                         packing: bool, pad_token_id: int, max_tokens: int = 0) -> list[MicroBatch]:
+    """The micro-batches of one optimizer step's examples (see group_examples for the split)."""
+    groups = group_examples(examples, indices, micro_batch_size, packing, max_tokens)
+    return [packed_micro_batch(g) if packing else padded_micro_batch(g, pad_token_id) for g in groups]
+
+
+def group_examples(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int,
+                   packing: bool, max_tokens: int = 0) -> list[list[TokenizedExample]]:
     """Split the examples of one optimizer step, in order, into micro-batches of at most
     micro_batch_size examples and (packed, max_tokens > 0) at most max_tokens tokens; an example
     longer than max_tokens goes alone. The split changes peak memory, not the step's gradient."""
@@ -185,4 +192,9 @@ def build_micro_batches(examples: list[TokenizedExample], indices: list[int], mi
         group_tokens += length
     if group:
         groups.append(group)
-    return [packed_micro_batch(g) if packing else padded_micro_batch(g, pad_token_id) for g in groups]
+    return groups
+
+
+def target_token_count(example: TokenizedExample) -> int:
+    """Response tokens the example contributes to the loss (its micro-batch's num_target_tokens share)."""
+    return sum(label != IGNORE_INDEX for label in shifted_targets(example.labels))

@@ -49,9 +49,12 @@ def load_training_pairs(data: DataConfig) -> list[SftPair]:
     return math_to_sft_pairs(load_math(data.train_source, data.train_split), template)
 
 
-def choose_device(config: Config) -> DeviceSetup:
-    """The training device and precision; CPU (float32) with a WARNING when CUDA is missing."""
+def choose_device(config: Config, local_rank: int | None = None) -> DeviceSetup:
+    """The training device and precision; CPU (float32) with a WARNING when CUDA is missing. Under
+    torchrun (`local_rank`) each rank trains on the visible GPU of its local rank."""
     wanted = config.training.device
+    if local_rank is not None and wanted.startswith("cuda"):
+        wanted = f"cuda:{local_rank}"
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("training.device=%s but CUDA is not available: training on CPU in float32 "
                        "(fine for a tiny model, far too slow for Qwen2.5-Math-1.5B)", wanted)

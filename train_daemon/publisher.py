@@ -48,13 +48,16 @@ class CheckpointPublisher:
         self.writer = BackgroundWriter("checkpoint", self.run_dir)
         self._buffers: dict[str, torch.Tensor] = {}  # pinned host copies, reused across publishes
 
-    def publish(self, model, step: int, sidecar: Sidecar, metrics: dict[str, Any]) -> None:
-        """Snapshot the weights now; write them in the background."""
+    def publish(self, model, step: int, sidecar: Sidecar, metrics: dict[str, Any],
+                weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Snapshot the weights now; write them in the background. `weights`: the model's full
+        weights when it is sharded (train_daemon.distributed.full_state_dict), else read from it."""
         stalled = self.wait()
         if stalled > 0.1:
             logger.warning("step %d: training waited %.1f s for the previous checkpoint write", step, stalled)
         start = time.monotonic()
-        weights = self.writer.snapshot(unique_state_dict(model), self._buffers, self._dtype)
+        weights = self.writer.snapshot(unique_state_dict(model) if weights is None else weights, self._buffers,
+                                       self._dtype)
         snapshot_seconds = time.monotonic() - start
         self.writer.submit(step, host_bytes(weights), self._write, step, weights, sidecar, metrics, snapshot_seconds)
 

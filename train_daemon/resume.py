@@ -10,6 +10,16 @@ Written atomically: a temporary directory is filled and fsynced, renamed into pl
 latest.json is replaced (temp file + fsync + os.replace), then older states are deleted. A kill -9
 at any moment leaves latest.json pointing at a complete state. The daemon snapshots the state to
 host memory and writes it in the background (ResumeWriter), as the publisher does checkpoints.
+
+On several ranks (torchrun, train_daemon.distributed) a state is sharded instead, and written by
+all ranks together, in the training thread (each rank writes only its shard):
+
+    step_00000N/          shards/ (torch.distributed.checkpoint: the weights and AdamW moments,
+                          each rank its part), trainer_rank<r>.pt (scheduler + that rank's RNG),
+                          state.json (as above, with "ranks": N)
+
+with the same temporary directory, rename and pointer, done by rank 0 once every rank has written.
+It resumes on the same number of ranks; the pointer says how many.
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ from safetensors.torch import save_file
 
 from common.contract import step_dir_name
 from common.durable import TEMP_PREFIX, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+from train_daemon import distributed
 from train_daemon.background import BackgroundWriter, copy_to_host, host_bytes, inject_test_fault, pinned_buffers
+from train_daemon.distributed import World
 from train_daemon.weights import load_weights, unique_state_dict
 
 logger = logging.getLogger(__name__)
@@ -93,15 +105,67 @@ def write_resume_state(resume_dir: Path, snapshot: ResumeSnapshot) -> float:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
         raise
+    _publish_state_dir(resume_dir, tmp, final, snapshot.state.step)
+    return time.monotonic() - start
+
+
+def _publish_state_dir(resume_dir: Path, tmp: Path, final: Path, step: int) -> None:
+    """Rename a complete, fsynced state into place, point latest.json at it, delete the older ones."""
     if final.exists():  # the same step saved before a crash: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(resume_dir)
-    atomic_write_json(resume_dir / POINTER_NAME, {"step": snapshot.state.step, "dir": final.name})
+    atomic_write_json(resume_dir / POINTER_NAME, {"step": step, "dir": final.name})
     for old in resume_dir.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_sharded_resume_state(resume_dir: Path, state: TrainerState, model, optimizer, scheduler,
+                               world: World) -> float:
+    """Every rank calls it: each writes its shards and RNG, then rank 0 publishes the directory
+    (module docstring). An exception on one rank ends it; torchrun then stops the others, and the
+    previous state stays the one latest.json names. Returns the seconds it took."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    start = time.monotonic()
+    final = resume_dir / step_dir_name(state.step)
+    tmp = resume_dir / f"{TEMP_PREFIX}{final.name}-sharded"  # one name for all ranks
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(world)
+    inject_test_fault(state.step, tmp)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "shards")
+    torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"trainer_rank{world.rank}.pt")
+    distributed.barrier(world)  # every rank's files are complete
+    if world.is_main:
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "ranks": world.size}, indent=2) + "\n")
+        fsync_tree(tmp)
+        _publish_state_dir(resume_dir, tmp, final, state.step)
+    distributed.barrier(world)  # a rank that stops now finds the new state named
     return time.monotonic() - start
+
+
+def _load_sharded(directory: Path, model, optimizer, scheduler, world: World) -> TrainerState:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    saved = json.loads((directory / "state.json").read_text())
+    ranks = saved.pop("ranks", 1)
+    if ranks != world.size:
+        raise ValueError(f"saved by {ranks} rank(s), this is {world.size}: resume with torchrun --nproc_per_node {ranks}"
+                         if ranks > 1 else "saved by one process: resume without torchrun")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state_dicts = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state_dicts, checkpoint_id=directory / "shards")
+    set_state_dict(model, optimizer, model_state_dict=state_dicts["model"], optim_state_dict=state_dicts["optimizer"])
+    trainer = torch.load(directory / f"trainer_rank{world.rank}.pt", weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    _set_rng_state(trainer["rng"])
+    return TrainerState(**saved)
 
 
 def save_resume_state(resume_dir: Path, state: TrainerState, model, optimizer, scheduler) -> float:
@@ -114,8 +178,8 @@ class ResumeWriter:
     two AdamW moments) and writing it takes tens of seconds; the snapshot takes about one.
     A failed write reaches the training thread (`writer.failures`); the previous state stays valid."""
 
-    def __init__(self, resume_dir: Path, saved_step: int):
-        self.resume_dir = resume_dir
+    def __init__(self, resume_dir: Path, saved_step: int, world: World = World()):
+        self.resume_dir, self.world = resume_dir, world
         self.requested_step = saved_step  # step of the latest save asked for (or loaded)
         self.saved_step = saved_step  # step of the latest state on disk
         self.writer = BackgroundWriter("resume state", resume_dir)
@@ -126,7 +190,8 @@ class ResumeWriter:
         shapes are those snapshot_resume_state copies: the weights, and AdamW's two moments and
         step count per parameter (its state exists only after the first step)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not params or params[0].device.type != "cuda" or not isinstance(optimizer, torch.optim.AdamW):
+        cuda = params and params[0].device.type == "cuda"
+        if not cuda or not isinstance(optimizer, torch.optim.AdamW) or self.world.distributed:
             return
         step_dtype = torch.float32  # AdamW's step count when it lives on the device (fused/capturable)
         specs = {f"model.{name}": (t.shape, t.dtype) for name, t in unique_state_dict(model).items()}
@@ -140,6 +205,11 @@ class ResumeWriter:
                     host_bytes(self._buffers) / 1e9, time.monotonic() - start)
 
     def save(self, state: TrainerState, model, optimizer, scheduler) -> None:
+        if self.world.distributed:
+            seconds = write_sharded_resume_state(self.resume_dir, state, model, optimizer, scheduler, self.world)
+            self.requested_step = self.saved_step = state.step
+            logger.info("sharded resume state saved at step %d (%.1f s, training waited)", state.step, seconds)
+            return
         stalled = self.writer.wait()
         if stalled > 0.1:
             logger.warning("step %d: training waited %.1f s for the previous resume-state write", state.step, stalled)
@@ -170,13 +240,17 @@ class ResumeError(ValueError):
     """Resume state that cannot be loaded (one-line message naming the fix)."""
 
 
-def load_resume_state(resume_dir: Path, model, optimizer, scheduler, device: torch.device) -> TrainerState | None:
-    """Restore model, optimizer, scheduler and RNG from the latest state; None when there is none."""
+def load_resume_state(resume_dir: Path, model, optimizer, scheduler, device: torch.device,
+                      world: World = World()) -> TrainerState | None:
+    """Restore model, optimizer, scheduler and RNG from the latest state; None when there is none.
+    On several ranks every rank calls it and reads its own shards."""
     pointer = resume_dir / POINTER_NAME
     if not pointer.exists():
         return None
     try:
         directory = resume_dir / json.loads(pointer.read_text())["dir"]
+        if world.distributed or (directory / "shards").is_dir():
+            return _load_sharded(directory, model, optimizer, scheduler, world)
         state = TrainerState(**json.loads((directory / "state.json").read_text()))
         load_weights(model, directory / "model.safetensors")
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
