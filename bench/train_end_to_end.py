@@ -11,8 +11,13 @@ between two reads of the GPU's results, so the steps add up to the loop's wall t
 - end to end (loop): all tokens over the loop's seconds, from before step 1 to after the last step;
 - end to end (process): all tokens over the process's wall time (start-up and the final writes too).
 
+With --nproc N (bin/train --nproc N) the logged tokens are those of all ranks; the per-GPU numbers
+divide by N, and MFU is per GPU.
+
     python bench/train_end_to_end.py --model /tmp/rq --data .dev/bench/math_train.jsonl --steps 300 \\
         --workdir /tmp/e2e --json $OUT/train_end_to_end.json                                 # GPU
+    python bench/train_end_to_end.py --model /tmp/rq --nproc 4 --steps 60 --workdir /tmp/e2e \\
+        training.gradient_accumulation_steps=8                 # 4 GPUs (torchrun + FSDP2), 2 micro-batches each
     python bench/train_end_to_end.py --tiny --device cpu --steps 12 --workdir /tmp/e2e \\
         training.batch_size=4 training.eval_every=4 training.save_resume_every=4             # CPU smoke run
 """
@@ -45,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", default=".dev/bench/math_train.jsonl")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (bin/train --nproc: torchrun + FSDP2)")
+    parser.add_argument("--params", type=float, default=PARAMS, help="model parameters, for MFU (7b: 7.616e9)")
     parser.add_argument("--keep-last", type=int, default=2, help="training.keep_last_checkpoints (disk space)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--json", help="write the results here")
@@ -57,7 +64,8 @@ def main() -> None:
     workdir = Path(args.workdir)
     model = args.model or _tiny_model(workdir)
     output = workdir / "results"
-    command = [sys.executable, "-m", "train_daemon", "--config", str(REPO / "config" / "sft_config.yaml"),
+    command = [sys.executable, "-m", "train_daemon", "--nproc", str(args.nproc),
+               "--config", str(REPO / "config" / "sft_config.yaml"),
                f"model.name_or_path={model}", f"data.train_source={args.data}", f"paths.results_dir={output}",
                f"training.run_id={RUN_ID}", f"training.max_steps={args.steps}", f"training.device={args.device}",
                f"training.keep_last_checkpoints={args.keep_last}", "logging.wandb=false", "logging.progress_bar=false",
@@ -73,7 +81,7 @@ def main() -> None:
     stop.set()
     marker.join()
     rows = [json.loads(line) for line in (output / "runs" / RUN_ID / "train_log.jsonl").read_text().splitlines()]
-    result = summarise(rows, wall, code)
+    result = summarise(rows, wall, code, args.nproc, args.params)
     log = (workdir / "bin_train.stderr").read_text().splitlines()
     result["trainer_log"] = [line[:220] for line in log if any(word in line for word in (
         "resume state", "published", "waited", "ERROR", "starting from", "done at", "pinned"))]
@@ -84,7 +92,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 
-def summarise(rows: list[dict], wall: float, code: int) -> dict:
+def summarise(rows: list[dict], wall: float, code: int, nproc: int = 1, params: float = PARAMS) -> dict:
     tokens = [r["train/tokens_per_second"] for r in rows]  # per step (log_every 1)
     seconds, step_tokens = [], []
     previous = 0
@@ -98,7 +106,8 @@ def summarise(rows: list[dict], wall: float, code: int) -> dict:
     after_first = sum(step_tokens[3:]) / sum(seconds[3:]) if len(rows) > 3 else float("nan")
     return {
         "exit_code": code, "steps": len(rows), "tokens": sum(step_tokens),
-        "steady_tokens_per_second": steady, "steady_mfu": 6 * PARAMS * steady / PEAK_FLOPS,
+        "gpus": nproc, "steady_tokens_per_second": steady, "steady_tokens_per_second_per_gpu": steady / nproc,
+        "steady_mfu": 6 * params * steady / nproc / PEAK_FLOPS,  # per GPU
         "loop_seconds": sum(seconds), "loop_tokens_per_second": loop, "loop_ratio": loop / steady,
         "loop_ratio_after_step_3": after_first / steady,
         "process_seconds": wall, "process_tokens_per_second": sum(step_tokens) / wall,
@@ -126,7 +135,7 @@ def _mark_published(run_dir: Path, stop: threading.Event) -> None:
 
 
 def _tiny_model(workdir: Path) -> str:
-    from common.tiny_model import build_tiny_model
+    from common.demo.tiny_model import build_tiny_model
 
     return str(build_tiny_model(workdir / "tiny_model"))
 
