@@ -443,3 +443,27 @@ def test_vllm_progress_bar_factory_takes_what_vllm_passes_and_checks_the_stop_fl
     assert bar.format_dict["elapsed"] > 0  # vLLM divides by it after generation
     bar.close()
     assert len(calls) == 2
+
+
+def test_an_entropy_the_vllm_worker_cannot_compute_is_recorded_as_none_not_a_failed_evaluation():
+    """The worker's entropy pass runs on vLLM internals that differ between versions: if it raises,
+    the evaluation keeps its responses and records no entropy; a stop signal still goes through."""
+    from eval_daemon.engines.vllm import VllmEngine
+    from eval_daemon.shutdown import Shutdown
+
+    class BrokenWorker:
+        def __init__(self, error):
+            self.error = error
+
+        def collective_rpc(self, method, args=()):
+            raise self.error
+
+    engine = VllmEngine("cpu", "float32", 0.5, 512, 0, "")
+    generations = [Generation(text="a", token_ids=[5, 6], prompt_token_ids=[1, 2], finish_reason="stop", num_tokens=2),
+                   Generation(text="", token_ids=[], prompt_token_ids=[1], finish_reason="stop", num_tokens=0)]
+    engine.llm = BrokenWorker(AttributeError("'Qwen2Model' object has no attribute 'forward_eager'"))
+    assert engine.token_entropies(generations) == [None, None]
+    engine.llm = BrokenWorker(Shutdown("SIGTERM"))
+    with pytest.raises(Shutdown):
+        engine.token_entropies(generations)
+    engine.llm = None

@@ -143,7 +143,15 @@ class VllmEngine:
         if scored:
             prompts = [generations[i].prompt_token_ids for i in scored]
             responses = [generations[i].token_ids for i in scored]
-            values = self.llm.collective_rpc("response_entropies", args=(prompts, responses))[0]  # TP 1: one worker
+            try:
+                values = self.llm.collective_rpc("response_entropies", args=(prompts, responses))[0]  # TP 1: one worker
+            # Why so broad: the worker runs the model outside vLLM's scheduler (vllm_worker.py), on internals
+            # that change between vLLM versions; an entropy it cannot compute must not cost the accuracy.
+            except Exception as exc:  # noqa: BLE001 (Shutdown is a BaseException and still goes through)
+                logger.error("exact token entropy failed in the vLLM worker (%s: %s); this evaluation records no "
+                             "entropy, its accuracy is unaffected (set evaluation.entropy_sample_size=0 to skip it)",
+                             type(exc).__name__, first_line(exc, type(exc).__name__))
+                return results
             for i, value in zip(scored, values):
                 results[i] = value
         return results
