@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_train_daemon import _args, _env, _log, _resume_step, _write_math
 
 from common.contract import WarnOnce, read_manifest, read_sidecar, scan_published
+from train_daemon.background import TEST_FAULT_ENV, TEST_FAULT_FROM_STEP_ENV
 from train_daemon.batching import TokenizedExample, build_micro_batches
 from train_daemon.distributed import World, rank_slice, step_share
 from train_daemon.publisher import TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV
@@ -101,16 +102,41 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-@pytest.mark.slow  # real processes
-def test_kill_9_of_torchrun_then_resume_trains_the_same_run(tmp_path, tiny_model_dir):
-    data = _write_math(tmp_path)
-    extra = {"training.max_steps": 8, "training.eval_every": 2, "training.save_resume_every": 2}
-    reference = tmp_path / "reference"
-    result = _train(_args(tiny_model_dir, data, reference, "ref", **extra), 2)
-    assert result.returncode == 0, result.stderr[-3000:]
+RUN = {"training.max_steps": 8, "training.eval_every": 2, "training.save_resume_every": 2}
 
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 2-rank run of 8 steps: the yardstick for the interrupted ones."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = _write_math(root)
+    result = _train(_args(tiny_model_dir, data, root / "reference", "ref", **RUN), 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, "data": data, "output": root / "reference"}
+
+
+def _assert_same_run(output, run_id, reference):
+    manifest = read_manifest(output / "checkpoints" / run_id)
+    assert manifest.steps() == [0, 2, 4, 6, 8]
+    assert [c.step for c in scan_published(output / "checkpoints", WarnOnce())] == [0, 2, 4, 6, 8]
+    assert read_sidecar(output / "checkpoints" / run_id / "step_000008").step == 8
+    log, ref_log = _log(output, run_id), _log(reference["output"], "ref")
+    assert [r["train_step"] for r in log] == list(range(1, 9))
+    for mine, theirs in zip(log, ref_log):
+        assert mine["train/loss"] == pytest.approx(theirs["train/loss"], abs=1e-5), mine["train_step"]
+        assert mine["train/tokens_seen"] == theirs["train/tokens_seen"]
+    resumed, uninterrupted = _weights(output, run_id, 8), _weights(reference["output"], "ref", 8)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)
+    state = json.loads((output / "runs" / run_id / "resume" / "step_000008" / "state.json").read_text())
+    assert state["ranks"] == 2 and state["step"] == 8
+
+
+@pytest.mark.slow  # real processes
+def test_kill_9_of_torchrun_then_resume_trains_the_same_run(reference, tiny_model_dir):
+    tmp_path = reference["root"]
     output = tmp_path / "killed"
-    args = _args(tiny_model_dir, data, output, "k", **extra)
+    args = _args(tiny_model_dir, reference["data"], output, "k", **RUN)
     # From step 4 each publish hangs in rank 0's background writer: resume state is saved at 4, the
     # torchrun group is killed while step 4's checkpoint is still being written.
     with open(tmp_path / "killed.stderr", "w") as stderr:
@@ -135,17 +161,24 @@ def test_kill_9_of_torchrun_then_resume_trains_the_same_run(tmp_path, tiny_model
 
     result = _train(args, 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    manifest = read_manifest(output / "checkpoints" / "k")
-    assert manifest.steps() == [0, 2, 4, 6, 8]
-    assert [c.step for c in scan_published(output / "checkpoints", WarnOnce())] == [0, 2, 4, 6, 8]
-    assert read_sidecar(output / "checkpoints" / "k" / "step_000008").step == 8
-    log, ref_log = _log(output, "k"), _log(reference, "ref")
-    assert [r["train_step"] for r in log] == list(range(1, 9))
-    for mine, theirs in zip(log, ref_log):
-        assert mine["train/loss"] == pytest.approx(theirs["train/loss"], abs=1e-5), mine["train_step"]
-        assert mine["train/tokens_seen"] == theirs["train/tokens_seen"]
-    resumed, uninterrupted = _weights(output, "k", 8), _weights(reference, "ref", 8)
-    for name, tensor in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], tensor, msg=name)
-    state = json.loads((output / "runs" / "k" / "resume" / "step_000008" / "state.json").read_text())
-    assert state["ranks"] == 2 and state["step"] == 8
+    _assert_same_run(output, "k", reference)
+
+
+@pytest.mark.slow  # real processes
+def test_a_full_disk_stops_all_ranks_keeps_the_last_state_and_the_run_resumes(reference, tiny_model_dir):
+    """From step 4 every write fails with ENOSPC (rank 0's checkpoint, every rank's resume shards):
+    all ranks stop, exit non-zero, nothing half-written stays; with space back the run resumes."""
+    output = reference["root"] / "full"
+    args = _args(tiny_model_dir, reference["data"], output, "f", **RUN)
+    result = _train(args, 2, **{TEST_FAULT_ENV: "enospc", TEST_FAULT_FROM_STEP_ENV: "4"})
+    assert result.returncode != 0
+    assert read_manifest(output / "checkpoints" / "f").steps() == [0, 2]
+    assert _resume_step(output, "f") == 2
+    resume_dir = output / "runs" / "f" / "resume"
+    assert sorted(p.name for p in resume_dir.iterdir()) == ["latest.json", "step_000002"]
+    assert [p.name for p in (output / "checkpoints" / "f").iterdir() if p.name.startswith(".")] == []
+    assert max(r["train_step"] for r in _log(output, "f")) < 8
+
+    result = _train(args, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(output, "f", reference)

@@ -88,6 +88,23 @@ class BackgroundWriter:
         self._step, self._bytes = step, nbytes
         self._future = self._executor.submit(_after, self._copied, write, *args)
 
+    def run_here(self, step: int, nbytes: int, write: Callable[..., Any], *args: Any) -> Any:
+        """Run write(*args) in the calling thread (a write all ranks take part in: its collectives
+        belong to the training thread); its outcome is collected as a background write's."""
+        assert self._future is None, "wait() for the previous write first"
+        if self.disk_full:
+            self.failures.append(WriteFailure(self.what, step, "not attempted: the disk is full", True))
+            return None
+        self._step, self._bytes = step, nbytes
+        self._future = Future()
+        try:
+            self._future.set_result(write(*args))
+        except Exception as exc:  # noqa: BLE001 (every failure of the write is collected below, as a background one's)
+            self._future.set_exception(exc)
+        result = None if self._future.exception() else self._future.result()
+        self._collect()
+        return result
+
     def poll(self) -> None:
         """Collect the in-flight write if it has finished (never blocks)."""
         if self._future is not None and self._future.done():

@@ -142,6 +142,15 @@ def from_main(world: World, value: Callable[[], Any]) -> Any:
     return box[0]
 
 
+def first_failure(world: World, failure: Exception | None) -> Exception | None:
+    """The first rank's exception, on every rank (None when no rank failed)."""
+    if not world.distributed:
+        return failure
+    failures: list = [None] * world.size
+    dist.all_gather_object(failures, failure)
+    return next((f for f in failures if f is not None), None)
+
+
 def check_world(world: World, examples_per_step: int) -> None:
     if world.size > examples_per_step:
         raise ConfigError(f"{world.size} ranks but {examples_per_step} examples per step (training.batch_size * "

@@ -124,29 +124,55 @@ def _publish_state_dir(resume_dir: Path, tmp: Path, final: Path, step: int) -> N
 def write_sharded_resume_state(resume_dir: Path, state: TrainerState, model, optimizer, scheduler,
                                world: World) -> float:
     """Every rank calls it: each writes its shards and RNG, then rank 0 publishes the directory
-    (module docstring). An exception on one rank ends it; torchrun then stops the others, and the
-    previous state stays the one latest.json names. Returns the seconds it took."""
+    (module docstring). A failure on any rank raises on every rank, after the temporary directory
+    is removed, so that all ranks go on (or stop) alike; latest.json still names the previous
+    state. Returns the seconds it took."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     start = time.monotonic()
     final = resume_dir / step_dir_name(state.step)
     tmp = resume_dir / f"{TEMP_PREFIX}{final.name}-sharded"  # one name for all ranks
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    distributed.barrier(world)
-    inject_test_fault(state.step, tmp)
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "shards")
-    torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"trainer_rank{world.rank}.pt")
-    distributed.barrier(world)  # every rank's files are complete
-    if world.is_main:
+
+    def write_shards() -> None:
+        inject_test_fault(state.step, tmp)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        # A rank's failure inside dcp.save reaches every rank (DCP gathers the outcomes).
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "shards")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"trainer_rank{world.rank}.pt")
+
+    def publish() -> None:
         (tmp / "state.json").write_text(json.dumps({**asdict(state), "ranks": world.size}, indent=2) + "\n")
         fsync_tree(tmp)
         _publish_state_dir(resume_dir, tmp, final, state.step)
-    distributed.barrier(world)  # a rank that stops now finds the new state named
+
+    def make_directory() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    # Each stage ends with every rank knowing every failure so far (and waiting for the stage).
+    failure = distributed.from_main(world, lambda: _attempt(make_directory))
+    if failure is None:
+        failure = distributed.first_failure(world, _attempt(write_shards))
+    if failure is None:
+        failure = distributed.from_main(world, lambda: _attempt(publish))
+    if failure is not None:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves nothing behind
+        raise failure
     return time.monotonic() - start
+
+
+def _attempt(work: Callable[[], object]) -> Exception | None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        work()
+    except CheckpointException as exc:  # a BaseException: the first rank's own error (an ENOSPC OSError, ...)
+        return next((error for error, _ in exc.failures.values() if isinstance(error, Exception)), RuntimeError(str(exc)))
+    except Exception as exc:  # noqa: BLE001 (handed to every rank, then raised there: see write_sharded_resume_state)
+        return exc
+    return None
 
 
 def _load_sharded(directory: Path, model, optimizer, scheduler, world: World) -> TrainerState:
@@ -206,9 +232,12 @@ class ResumeWriter:
 
     def save(self, state: TrainerState, model, optimizer, scheduler) -> None:
         if self.world.distributed:
-            seconds = write_sharded_resume_state(self.resume_dir, state, model, optimizer, scheduler, self.world)
-            self.requested_step = self.saved_step = state.step
-            logger.info("sharded resume state saved at step %d (%.1f s, training waited)", state.step, seconds)
+            self.requested_step = state.step
+            seconds = self.writer.run_here(state.step, 0, write_sharded_resume_state, self.resume_dir, state, model,
+                                           optimizer, scheduler, self.world)  # 0 bytes: ENOSPC says disk full
+            if seconds is not None:
+                self.saved_step = state.step
+                logger.info("sharded resume state saved at step %d (%.1f s, training waited)", state.step, seconds)
             return
         stalled = self.writer.wait()
         if stalled > 0.1:
