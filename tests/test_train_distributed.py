@@ -24,12 +24,16 @@ from train_daemon.distributed import World, rank_slice, step_share
 from train_daemon.publisher import TEST_DELAY_ENV, TEST_DELAY_FROM_STEP_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+def _torchrun(ranks):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+
+
+TORCHRUN = _torchrun(2)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores
 
 
 def _train(args, ranks, timeout=170, **env):
-    launcher = TORCHRUN if ranks == 2 else [sys.executable]
+    launcher = _torchrun(ranks) if ranks > 1 else [sys.executable]
     return subprocess.run([*launcher, "-m", "train_daemon", *args], cwd=REPO_ROOT, env=_env(**ONE_THREAD, **env),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -182,3 +186,27 @@ def test_a_full_disk_stops_all_ranks_keeps_the_last_state_and_the_run_resumes(re
     result = _train(args, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(output, "f", reference)
+
+
+@pytest.mark.slow  # real processes
+def test_a_sharded_state_resumes_on_another_number_of_ranks(tmp_path, tiny_model_dir):
+    """4 steps on 2 ranks, then 4 more on 3 from the sharded state, against 8 on 2 (a constant
+    learning rate after warmup, so the first part's shorter schedule does not matter)."""
+    data = _write_math(tmp_path)
+    run = {**RUN, "training.min_lr_ratio": 1.0}
+    result = _train(_args(tiny_model_dir, data, tmp_path / "reference", "ref", **run), 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "reshard"
+    result = _train(_args(tiny_model_dir, data, output, "re", **{**run, "training.max_steps": 4}), 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first_part = _log(output, "re")
+    result = _train(_args(tiny_model_dir, data, output, "re", **run), 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log, ref_log = _log(output, "re"), _log(tmp_path / "reference", "ref")
+    assert [r["train_step"] for r in log] == list(range(1, 9))
+    assert log[:4] == first_part  # resumed at step 4 (a restart would have rewritten steps 1-4)
+    for mine, theirs in zip(log, ref_log):
+        assert mine["train/loss"] == pytest.approx(theirs["train/loss"], abs=1e-5), mine["train_step"]
+    for name, tensor in _weights(tmp_path / "reference", "ref", 8).items():
+        torch.testing.assert_close(_weights(output, "re", 8)[name], tensor, msg=name)
+    assert json.loads((output / "runs" / "re" / "resume" / "step_000008" / "state.json").read_text())["ranks"] == 3

@@ -19,7 +19,7 @@ all ranks together, in the training thread (each rank writes only its shard):
                           state.json (as above, with "ranks": N)
 
 with the same temporary directory, rename and pointer, done by rank 0 once every rank has written.
-It resumes on the same number of ranks; the pointer says how many.
+It resumes on any number of ranks > 1 (torch.distributed.checkpoint reshards on load).
 """
 
 from __future__ import annotations
@@ -181,14 +181,19 @@ def _load_sharded(directory: Path, model, optimizer, scheduler, world: World) ->
 
     saved = json.loads((directory / "state.json").read_text())
     ranks = saved.pop("ranks", 1)
-    if ranks != world.size:
-        raise ValueError(f"saved by {ranks} rank(s), this is {world.size}: resume with torchrun --nproc_per_node {ranks}"
+    if (ranks == 1) != (world.size == 1):  # the one-process format is not sharded
+        raise ValueError(f"saved by {ranks} ranks: resume with bin/train --nproc N (N > 1)"
                          if ranks > 1 else "saved by one process: resume without torchrun")
+    if ranks != world.size:  # DCP reshards the weights and moments; the data order does not depend on N
+        logger.warning("resume state of %d ranks loaded on %d: same run, summed in another order (float rounding)",
+                       ranks, world.size)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state_dicts = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state_dicts, checkpoint_id=directory / "shards")
     set_state_dict(model, optimizer, model_state_dict=state_dicts["model"], optim_state_dict=state_dicts["optimizer"])
-    trainer = torch.load(directory / f"trainer_rank{world.rank}.pt", weights_only=True)
+    # The RNG draws nothing the run depends on (data order comes from the seed); a rank the state
+    # had not takes the last saved rank's.
+    trainer = torch.load(directory / f"trainer_rank{min(world.rank, ranks - 1)}.pt", weights_only=True)
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
     return TrainerState(**saved)
