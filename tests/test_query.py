@@ -21,7 +21,7 @@ import pytest
 from store_fixtures import fill_synthetic_store
 
 from common.store import schema
-from common.store.query import run_query
+from common.store.query import format_cell, run_query
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC = REPO_ROOT / "README.md"
@@ -380,3 +380,10 @@ def test_reader_loop_never_fails_while_another_process_commits(tmp_path):
     assert len(seen) >= 3 and len(set(seen)) >= 2, seen
     assert seen == sorted(seen)
     assert run_query(db, "SELECT count(*) FROM evaluations")[1] == [(1 + count,)]
+
+
+def test_a_tiny_nonzero_number_is_shown_as_such_not_as_zero():
+    """bin/query compare prints McNemar p-values; 43 learned vs 8 forgotten is p ~ 1e-6, not "0"."""
+    assert format_cell(1.234e-7, 40) == "1.23e-07"
+    assert format_cell(0.0, 40) == "0" and format_cell(-0.0, 40) == "0"
+    assert format_cell(0.25, 40) == "0.25" and format_cell(0.00012, 40) == "0.0001"

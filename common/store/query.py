@@ -123,6 +123,8 @@ def format_cell(value: Any, max_width: int) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, float):
+        if math.isfinite(value) and 0 < abs(value) < 5e-5:  # a McNemar p of 1e-7 is not "0"
+            return f"{value:.2e}"
         text = f"{value:.4f}".rstrip("0").rstrip(".") if math.isfinite(value) else str(value)
         return "0" if text == "-0" else text
     if isinstance(value, (list, dict)):
